@@ -1,0 +1,123 @@
+"""`sorami-gateway`: serve, migrate, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+
+from gateway import embedded, server
+from gateway.errors import GatewayError
+from gateway.logging import configure as configure_logging
+from gateway.settings import Settings, SettingsError
+from gateway.store.migrations import migrate
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sorami-gateway",
+        description="Exactly-once gateway between the Sorami app and its generator backend.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", help="listen address (default: HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: PORT or 8080)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)"
+    )
+    serve.add_argument(
+        "--no-migrate", action="store_true", help="do not apply pending migrations at start"
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=25.0,
+        help="seconds to finish in-flight requests on SIGTERM (default 25)",
+    )
+
+    commands.add_parser("migrate", help="apply pending sql/ migrations and exit")
+
+    token = commands.add_parser("token", help="print a development HS256 token")
+    token.add_argument("--user", required=True, help="the user id (the token's sub)")
+    token.add_argument("--org", help="an org_id claim")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.command == "serve":
+            overrides: dict[str, object] = {}
+            if args.host:
+                overrides["host"] = args.host
+            if args.port is not None:
+                overrides["port"] = args.port
+            settings = settings.replace(**overrides) if overrides else settings
+        configure_logging(settings.log_level)
+        return _COMMANDS[args.command](settings, args)
+    except SettingsError as error:
+        print(f"sorami-gateway: error: {error.variable}: {error.problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except GatewayError as error:
+        print(f"sorami-gateway: error: {error.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise SettingsError("--workers", "must be at least 1")
+    with embedded.resolved(settings) as ready:
+        ready.check_serving()
+        if not args.no_migrate:
+            _migrate_now(ready)
+        return server.run(ready, workers=args.workers, shutdown_timeout=args.shutdown_timeout)
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    with embedded.resolved(settings) as ready:
+        applied = _migrate_now(ready)
+    print(f"sorami-gateway: {len(applied)} migration(s) applied" if applied
+          else "sorami-gateway: database is up to date")
+    return 0
+
+
+def _migrate_now(settings: Settings) -> list[str]:
+    assert settings.database_url is not None
+    applied = asyncio.run(migrate(settings.database_url.reveal()))
+    return [f"{m.version:04d}_{m.name}" for m in applied]
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    import jwt
+
+    if settings.auth_hs256_secret is None:
+        if not settings.embedded:
+            raise SettingsError("AUTH_HS256_SECRET", "is required to make development tokens")
+        settings = embedded.with_dev_secrets(settings)
+    assert settings.auth_hs256_secret is not None
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": args.user, "iat": now, "nbf": now, "exp": now + args.ttl}
+    if args.org:
+        claims["org_id"] = args.org
+    if settings.auth_issuer:
+        claims["iss"] = settings.auth_issuer
+    if settings.auth_audience:
+        claims["aud"] = settings.auth_audience
+    print(jwt.encode(claims, settings.auth_hs256_secret.reveal(), algorithm="HS256"))
+    return 0
+
+
+_COMMANDS = {"serve": _serve, "migrate": _migrate, "token": _token}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

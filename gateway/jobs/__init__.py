@@ -1,0 +1,1 @@
+"""Jobs: the state machine and the rules every job follows, independent of HTTP."""

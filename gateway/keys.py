@@ -1,0 +1,11 @@
+"""Every piece of application state, as a typed AppKey, in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.settings import Settings
+from gateway.store.database import Database
+
+SETTINGS = web.AppKey("settings", Settings)
+DATABASE = web.AppKey("database", Database)

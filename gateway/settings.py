@@ -1,0 +1,290 @@
+"""Settings read from the environment once, at start, and validated as a whole."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Final
+from urllib.parse import urlsplit
+
+from gateway.errors import GatewayError
+
+DEFAULT_RETRY_SCHEDULE: Final = (5.0, 30.0, 120.0, 600.0, 1800.0, 7200.0)
+
+_Check = Callable[[str], "str | None"]
+
+
+class SettingsError(GatewayError):
+    """A setting is malformed."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class Secret:
+    """A value that never shows itself in logs, reprs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple[type[Secret], tuple[str]]:
+        return (Secret, (self._value,))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: Secret | None = None
+    data_dir: Path = Path(".sorami")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    webhook_secrets: tuple[Secret, ...] = ()
+    webhook_tolerance_seconds: int = 300
+    webhook_max_body_bytes: int = 1024 * 1024
+    legacy_webhook_secret: Secret | None = None
+    backend_url: str | None = None
+    backend_api_key: Secret | None = None
+    backend_timeout_seconds: float = 15.0
+    delivery_retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    auth_jwks_url: str | None = None
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    auth_authorized_parties: tuple[str, ...] = ()
+    auth_hs256_secret: Secret | None = None
+    request_max_body_bytes: int = 16 * 1024 * 1024
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    log_level: str = "info"
+    # off in the container image, where DATABASE_URL is required
+    embedded_allowed: bool = True
+
+    @property
+    def embedded(self) -> bool:
+        """True when no DATABASE_URL is given and the embedded PostgreSQL is used."""
+        return self.database_url is None
+
+    def webhook_keys(self) -> tuple[bytes, ...]:
+        """The raw HMAC keys behind the ``whsec_`` secrets."""
+        return tuple(_whsec_key(s.reveal()) for s in self.webhook_secrets)
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Parse every variable; the first malformed one raises SettingsError naming it."""
+        e = os.environ if env is None else env
+        p = _Parser(e)
+        settings = cls(
+            database_url=p.secret("DATABASE_URL", check=_check_postgres_url),
+            data_dir=Path(p.text("SORAMI_DATA_DIR") or ".sorami"),
+            host=p.text("HOST") or "127.0.0.1",
+            port=p.integer("PORT", 8080, low=0, high=65535),
+            webhook_secrets=p.whsec_list("WEBHOOK_SECRETS"),
+            webhook_tolerance_seconds=p.integer("WEBHOOK_TOLERANCE_SECONDS", 300, low=1),
+            webhook_max_body_bytes=p.integer(
+                "WEBHOOK_MAX_BODY_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024
+            ),
+            legacy_webhook_secret=p.secret("LEGACY_WEBHOOK_SECRET"),
+            backend_url=p.url("BACKEND_URL", schemes=("http", "https")),
+            backend_api_key=p.secret("BACKEND_API_KEY"),
+            backend_timeout_seconds=p.number("BACKEND_TIMEOUT_SECONDS", 15.0, low=0.1),
+            delivery_retry_schedule=p.durations(
+                "DELIVERY_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE
+            ),
+            auth_jwks_url=p.url("AUTH_JWKS_URL", schemes=("http", "https")),
+            auth_issuer=p.text("AUTH_ISSUER"),
+            auth_audience=p.text("AUTH_AUDIENCE"),
+            auth_authorized_parties=p.words("AUTH_AUTHORIZED_PARTIES", sep=","),
+            auth_hs256_secret=p.secret("AUTH_HS256_SECRET", check=_check_hs256),
+            request_max_body_bytes=p.integer(
+                "REQUEST_MAX_BODY_BYTES", 16 * 1024 * 1024, low=1024
+            ),
+            db_pool_min=p.integer("DB_POOL_MIN", 2, low=0, high=1000),
+            db_pool_max=p.integer("DB_POOL_MAX", 10, low=1, high=1000),
+            log_level=p.choice(
+                "LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical")
+            ),
+            embedded_allowed=p.choice("SORAMI_EMBEDDED", "on", ("on", "off")) == "on",
+        )
+        settings.check_consistency()
+        return settings
+
+    def check_consistency(self) -> None:
+        """Rules that tie several variables together."""
+        if self.auth_jwks_url and self.auth_hs256_secret:
+            raise SettingsError(
+                "AUTH_HS256_SECRET",
+                "must not be set together with AUTH_JWKS_URL (one algorithm family at a time)",
+            )
+        if self.auth_jwks_url and not self.auth_issuer:
+            raise SettingsError("AUTH_ISSUER", "is required when AUTH_JWKS_URL is set")
+        if self.db_pool_min > self.db_pool_max:
+            raise SettingsError("DB_POOL_MIN", "must not exceed DB_POOL_MAX")
+
+    def check_serving(self) -> None:
+        """What `serve` needs beyond well-formed values: a way to verify both callers."""
+        if not self.webhook_secrets and self.legacy_webhook_secret is None:
+            raise SettingsError(
+                "WEBHOOK_SECRETS",
+                "is required when DATABASE_URL is set (or set LEGACY_WEBHOOK_SECRET)",
+            )
+        if not self.auth_jwks_url and self.auth_hs256_secret is None:
+            raise SettingsError(
+                "AUTH_JWKS_URL",
+                "is required when DATABASE_URL is set (or AUTH_HS256_SECRET for development)",
+            )
+
+
+def _whsec_key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+
+
+def _check_postgres_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("postgres", "postgresql"):
+        return "must be a postgresql:// URL"
+    return None
+
+
+def _check_hs256(value: str) -> str | None:
+    if len(value.encode()) < 32:
+        return "must be at least 32 bytes long"
+    return None
+
+
+class _Parser:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value or None
+
+    def secret(self, name: str, check: _Check | None = None) -> Secret | None:
+        value = self.text(name)
+        if value is None:
+            return None
+        if check is not None and (problem := check(value)) is not None:
+            raise SettingsError(name, problem)
+        return Secret(value)
+
+    def integer(self, name: str, default: int, *, low: int, high: int | None = None) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(name, f"must be an integer, got {raw[:40]!r}") from None
+        _check_range(name, value, low, high)
+        return value
+
+    def number(self, name: str, default: float, *, low: float) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(name, f"must be a number, got {raw[:40]!r}") from None
+        if not value >= low:
+            raise SettingsError(name, f"must be at least {low}")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if raw.lower() not in allowed:
+            raise SettingsError(name, f"must be one of {', '.join(allowed)}")
+        return raw.lower()
+
+    def url(self, name: str, *, schemes: tuple[str, ...]) -> str | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise SettingsError(name, f"must be an absolute {'/'.join(schemes)} URL")
+        return raw.rstrip("/")
+
+    def words(self, name: str, *, sep: str | None = None) -> tuple[str, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        return tuple(w.strip() for w in raw.split(sep) if w.strip())
+
+    def whsec_list(self, name: str) -> tuple[Secret, ...]:
+        secrets = []
+        for index, word in enumerate(self.words(name), start=1):
+            if not word.startswith("whsec_"):
+                raise SettingsError(name, f"secret #{index} must start with 'whsec_'")
+            try:
+                key = _whsec_key(word)
+            except (binascii.Error, ValueError):
+                raise SettingsError(name, f"secret #{index} is not valid base64") from None
+            if len(key) < 16:
+                raise SettingsError(name, f"secret #{index} must decode to at least 16 bytes")
+            secrets.append(Secret(word))
+        return tuple(secrets)
+
+    def durations(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+        words = self.words(name)
+        if not words:
+            return default
+        values = []
+        for word in words:
+            seconds = parse_duration(word)
+            if seconds is None or seconds <= 0:
+                raise SettingsError(
+                    name, f"{word[:20]!r} is not a duration like 5s, 30s, 2m, 2h"
+                )
+            values.append(seconds)
+        return tuple(values)
+
+
+_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """'90' / '90s' / '2m' / '1.5h' -> seconds; None when malformed."""
+    text = text.strip().lower()
+    for unit in ("ms", "s", "m", "h", "d"):
+        if text.endswith(unit):
+            number, factor = text[: -len(unit)], _UNITS[unit]
+            break
+    else:
+        number, factor = text, 1.0
+    try:
+        return float(number) * factor
+    except ValueError:
+        return None
+
+
+def _check_range(name: str, value: int, low: int, high: int | None) -> None:
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise SettingsError(name, f"must be {bound}, got {value}")
+

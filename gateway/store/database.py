@@ -1,0 +1,115 @@
+"""The asyncpg pool, its JSON codecs, and the translation of driver errors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from gateway.store.errors import Duplicate, StoreError, StoreUnavailable
+
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
+
+# Errors that mean "the database is not there right now", as opposed to a bad query.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ConnectionFailureError,
+)
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Re-raise driver errors as store errors (procrastinate-style wrap_exceptions)."""
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        raise Duplicate(str(exc)) from exc
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", "") in ("57P01", "57P02", "57P03", "08006", "08003"):
+            raise StoreUnavailable(f"database unavailable: {exc.sqlstate}") from exc
+        raise StoreError(str(exc)) from exc
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Per-connection setup: jsonb and json as Python objects through msgspec."""
+    for name in ("jsonb", "json"):
+        await conn.set_type_codec(
+            name,
+            encoder=lambda v: _json_encode(v).decode(),
+            decoder=_json_decode,
+            schema="pg_catalog",
+        )
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    """One connection with the project's codecs, for CLIs and listeners."""
+    with translate_errors():
+        conn = await asyncpg.connect(dsn)
+        await init_connection(conn)
+        return conn
+
+
+class Database:
+    """Owns the asyncpg pool; store functions borrow connections from it."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self.pool = pool
+        self.dsn = dsn
+
+    @classmethod
+    async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Database:
+        with translate_errors():
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                init=init_connection,
+                command_timeout=30,
+                max_inactive_connection_lifetime=300,
+            )
+        return cls(pool, dsn)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        with translate_errors():
+            async with self.pool.acquire() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection inside one transaction: committed on exit, rolled back on error."""
+        with translate_errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield conn
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        with translate_errors():
+            return await self.pool.fetchval(query, *args)
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        with translate_errors():
+            return await self.pool.fetchrow(query, *args)
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        with translate_errors():
+            return list(await self.pool.fetch(query, *args))
+
+    async def execute(self, query: str, *args: Any) -> str:
+        with translate_errors():
+            return str(await self.pool.execute(query, *args))

@@ -1,0 +1,1 @@
+"""sorami-reconcile: puts orphaned backend webhooks on the jobs they belong to."""

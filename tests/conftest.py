@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.settings import Secret, Settings
+from gateway.store import Database
+from tests.pg import Databases, admin_dsn
+
+WEBHOOK_KEY = b"sorami-test-webhook-key-32-bytes"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(WEBHOOK_KEY).decode()
+HS256_SECRET = "sorami-test-hs256-secret-that-is-long-enough"
+
+
+@pytest.fixture(scope="session")
+def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
+    with admin_dsn(tmp_path_factory.mktemp("embedded-pg")) as admin:
+        dbs = Databases(admin)
+        asyncio.run(dbs.create_template())
+        try:
+            yield dbs
+        finally:
+            asyncio.run(dbs.drop_template())
+
+
+@pytest.fixture
+async def database_url(databases: Databases) -> AsyncIterator[str]:
+    """A fresh, migrated database of its own for this test."""
+    dsn = await databases.clone()
+    try:
+        yield dsn
+    finally:
+        await databases.drop(dsn)
+
+
+@pytest.fixture
+async def empty_database_url(databases: Databases) -> AsyncIterator[str]:
+    """A fresh database with nothing in it, not even the migrations."""
+    dsn = await databases.create_empty()
+    try:
+        yield dsn
+    finally:
+        await databases.drop(dsn)
+
+
+@pytest.fixture
+def make_settings(database_url: str, tmp_path: Any) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        base = Settings(
+            database_url=Secret(database_url),
+            data_dir=tmp_path / "data",
+            webhook_secrets=(Secret(WEBHOOK_SECRET),),
+            auth_hs256_secret=Secret(HS256_SECRET),
+            db_pool_min=1,
+            db_pool_max=5,
+        )
+        return base.replace(**overrides) if overrides else base
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """The test's database, for arranging and asserting."""
+    database = await Database.open(database_url, min_size=1, max_size=3)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+async def app(settings: Settings) -> web.Application:
+    return create_app(settings)
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: Callable[..., Any], app: web.Application
+) -> TestClient[web.Request, web.Application]:
+    result: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+    return result
