@@ -1,0 +1,51 @@
+"""The gateway's Prometheus metrics: one definition each, incremented where things happen.
+
+Label values are bounded sets (kinds, outcomes, route templates), never raw ids or paths.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+WEBHOOKS = Counter(
+    "sorami_webhooks_total",
+    "Webhook deliveries received, by kind and outcome "
+    "(applied, duplicate, stale, orphaned, invalid_signature, invalid_payload, too_large, "
+    "legacy_auth).",
+    ["kind", "outcome"],
+)
+DELIVERY_ATTEMPTS = Counter(
+    "sorami_delivery_attempts_total",
+    "Calls to the generator backend from the outbox, by action and outcome "
+    "(delivered, retry, failed).",
+    ["action", "outcome"],
+)
+JOBS_CREATED = Counter("sorami_jobs_created_total", "Jobs created, by kind.", ["kind"])
+NOTIFICATIONS_CREATED = Counter(
+    "sorami_notifications_created_total", "Notifications created, by type.", ["type"]
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "sorami_http_request_duration_seconds",
+    "HTTP request duration by route template and status class.",
+    ["method", "route", "status_class"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+WEBHOOK_PROCESSING = Histogram(
+    "sorami_webhook_processing_seconds",
+    "Time to verify, deduplicate and apply one webhook.",
+    ["kind"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+_LONG = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600)
+JOB_DURATION = Histogram(
+    "sorami_job_duration_seconds",
+    "Time from job creation to its terminal status, by kind and final status.",
+    ["kind", "status"],
+    buckets=_LONG,
+)
+FIRST_WEBHOOK_DELAY = Histogram(
+    "sorami_job_first_webhook_seconds",
+    "Time from job creation to the first webhook for it.",
+    ["kind"],
+    buckets=_LONG,
+)
