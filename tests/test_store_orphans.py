@@ -21,6 +21,7 @@ def event(status: str, **extra: object) -> dict[str, object]:
 
 async def record(db: Database, key: str, payload: dict[str, object]) -> None:
     async with db.transaction() as conn:
+        await orphans.lock_backend_id(conn, Kind.IMAGE, "backend-1")
         await orphans.record(conn, Kind.IMAGE, "backend-1", dedupe_key=key,
                              event_status=str(payload["status"]), payload=payload, hints=HINTS)
 
@@ -77,3 +78,26 @@ async def test_stored_payloads_decode_like_fresh_ones(db: Database) -> None:
     stored = await db.fetchval("SELECT payload FROM orphan_events")
     assert stored == body  # unknown fields kept whole
     assert decode(b'{"job_id": "backend-1", "status": "failed"}').job_status == "FAILED"
+
+
+async def test_an_orphan_recorded_during_attach_waits_and_then_sees_the_alias(
+    db: Database,
+) -> None:
+    import asyncio
+
+    job_id = await insert_job(db)
+    async with db.transaction() as attaching:
+        job = await store_jobs.lock(attaching, job_id)
+        assert job is not None
+        await orphans.attach(attaching, Kind.IMAGE, "backend-1", job, source="delivery")
+
+        async def receiver() -> str | None:
+            async with db.transaction() as conn:
+                await orphans.lock_backend_id(conn, Kind.IMAGE, "backend-1")
+                found = await store_jobs.lock_for_backend_id(conn, Kind.IMAGE, "backend-1")
+                return found.id if found else None
+
+        waiting = asyncio.create_task(receiver())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # blocked on the backend id's lock until attach commits
+    assert await waiting == job_id

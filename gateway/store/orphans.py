@@ -40,6 +40,12 @@ SELECT kind, backend_job_id, $7, $8, $9 FROM orphan
 RETURNING id
 """
 
+# Serializes "record an orphan" with "attach this backend id" for one (kind, backend id):
+# whoever comes second sees what the first committed.
+LOCK_BACKEND_ID = """
+SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))
+"""
+
 INSERT_ALIAS = """
 INSERT INTO job_aliases (kind, backend_job_id, job_id, source)
 VALUES ($1, $2, $3, $4)
@@ -89,6 +95,17 @@ class Attached:
     notification_ids: tuple[int, ...]
 
 
+async def lock_backend_id(conn: asyncpg.Connection, kind: Kind, backend_job_id: str) -> None:
+    """Take the transaction-scoped lock that `attach` holds for this backend id.
+
+    The receiver's protocol for an id that `jobs.lock_for_backend_id` did not find: take
+    this lock, look the id up again (an alias may have just been committed), and only then
+    `record` it as an orphan. Without it, an event recorded while `attach` runs would stay
+    orphaned although its alias exists.
+    """
+    await conn.execute(LOCK_BACKEND_ID, kind.value, backend_job_id)
+
+
 async def record(
     conn: asyncpg.Connection,
     kind: Kind,
@@ -99,7 +116,10 @@ async def record(
     payload: Any,
     hints: OrphanHints,
 ) -> int:
-    """Keep one verified event for an unknown job id; returns the event's id."""
+    """Keep one verified event for an unknown job id; returns the event's id.
+
+    Call it holding `lock_backend_id` for the same id, after looking the id up again.
+    """
     event_id: int = await conn.fetchval(
         RECORD_ORPHAN,
         kind.value,
@@ -128,6 +148,7 @@ async def attach(
     Raises Duplicate when that backend id already points to another job, or the job already
     has another alias. Attaching the same pair again replays nothing new.
     """
+    await lock_backend_id(conn, kind, backend_job_id)
     inserted = await conn.fetchval(INSERT_ALIAS, kind.value, backend_job_id, job.id, source)
     if inserted is None:
         existing = await conn.fetchval(ALIAS_TARGET, kind.value, backend_job_id)
