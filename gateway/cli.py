@@ -46,6 +46,32 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--user", required=True, help="the user id (the token's sub)")
     token.add_argument("--org", help="an org_id claim")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+
+    sim = commands.add_parser(
+        "simulate-backend",
+        help="run a simulated generator backend that sends signed webhooks",
+        description="The Flask backend's routes and webhook sequence, with its failure modes: "
+        "honest, own-uuid, lost-answer, no-hints, duplicates, out-of-order, fail, slow "
+        "(combine with '+', mix with ',').",
+    )
+    sim.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, default=9006, help="listen port (default 9006)")
+    sim.add_argument(
+        "--webhook-base",
+        default="http://127.0.0.1:8080",
+        help="the gateway's base URL (default http://127.0.0.1:8080)",
+    )
+    sim.add_argument(
+        "--mode", default="honest", help="behaviour mix, e.g. 'honest,own-uuid+no-hints'"
+    )
+    sim.add_argument(
+        "--step-delay", type=float, default=1.0, help="seconds between webhooks (default 1)"
+    )
+    sim.add_argument(
+        "--legacy",
+        action="store_true",
+        help="send X-Webhook-Secret (LEGACY_WEBHOOK_SECRET) instead of signatures",
+    )
     return parser
 
 
@@ -116,7 +142,45 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"serve": _serve, "migrate": _migrate, "token": _token}
+def _simulate_backend(settings: Settings, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway.simulator import ModeError, SimulatedBackend, SimulatorConfig, parse_mix
+
+    try:
+        mix = parse_mix(args.mode)
+    except ModeError as error:
+        raise SettingsError("--mode", str(error)) from None
+    secret: str | None = None
+    legacy: str | None = None
+    if args.legacy:
+        if settings.legacy_webhook_secret is None:
+            raise SettingsError("LEGACY_WEBHOOK_SECRET", "is required with --legacy")
+        legacy = settings.legacy_webhook_secret.reveal()
+    else:
+        if not settings.webhook_secrets and settings.embedded:
+            settings = embedded.with_dev_secrets(settings)
+        if not settings.webhook_secrets:
+            raise SettingsError("WEBHOOK_SECRETS", "is required to sign webhooks")
+        secret = settings.webhook_secrets[0].reveal()
+    config = SimulatorConfig(
+        webhook_base=args.webhook_base,
+        webhook_secret=secret,
+        legacy_secret=legacy,
+        mix=mix,
+        step_delay=args.step_delay,
+    )
+    backend = SimulatedBackend(config, public_url=f"http://{args.host}:{args.port}")
+    web.run_app(backend.app(), host=args.host, port=args.port, print=None)
+    return 0
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "migrate": _migrate,
+    "token": _token,
+    "simulate-backend": _simulate_backend,
+}
 
 
 if __name__ == "__main__":
