@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import keys
+from gateway.delivery import setup_delivery
 from gateway.health import setup_health
 from gateway.middleware import error_middleware
 from gateway.settings import Settings
@@ -19,4 +20,5 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.SETTINGS] = settings
     setup_database(app)
     setup_health(app)
+    setup_delivery(app)
     return app

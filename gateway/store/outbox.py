@@ -3,13 +3,33 @@
 `enqueue` runs inside the transaction that creates (or cancels) the job, so a committed job
 always has its delivery recorded; the NOTIFY wakes a dispatcher on any server process for
 the first attempt right after commit.
+
+The dispatcher's side: `claim` leases due rows with `FOR UPDATE SKIP LOCKED`, so several
+processes share one outbox and a crashed claimer's rows come back when its lease ends;
+`mark_delivered`, `mark_failed` and `reschedule` settle or return a claim; `listen` keeps
+the one LISTEN connection of a process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import structlog
+
+from gateway.jobs.kinds import Kind
+from gateway.jobs.state import Status
+from gateway.store import orphans
+from gateway.store.database import connect, translate_errors
+from gateway.store.errors import Duplicate, StoreError
+from gateway.store.jobs import LockedJob
+from gateway.store.orphans import Attached
+
+log = structlog.get_logger(__name__)
 
 WAKE_CHANNEL = "sorami_outbox"
 
@@ -30,3 +50,249 @@ async def enqueue(
     """Record one call to make; None when that job already has this action queued."""
     outbox_id: int | None = await conn.fetchval(ENQUEUE, job_id, action, payload)
     return outbox_id
+
+
+# -- the dispatcher's side --------------------------------------------------------------------
+#
+# A row is settled once `delivered_at` (the backend accepted it) or `failed_at` (refused,
+# retries exhausted, or not sent at all: `last_error` says which) is set. Until then it is
+# claimed by one dispatcher at a time through a lease: `lease_owner` names the claimer and
+# `attempts` (bumped by every claim) tells one claim of the row from the next.
+
+_TERMINAL_STATUSES = "('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')"
+
+# Due rows nobody holds a live lease on. A cancel waits until its job's generate row is
+# settled, so the two never reach the backend at once and the cancel names the right id; a
+# generate row whose job already ended is due at once (it is settled without a call).
+CLAIM = f"""
+WITH due AS (
+    SELECT o.id
+    FROM outbox o
+    JOIN jobs j ON j.id = o.job_id
+    WHERE o.delivered_at IS NULL AND o.failed_at IS NULL
+      AND (o.leased_until IS NULL OR o.leased_until <= now())
+      AND (o.due_at <= now()
+           OR (o.action = 'generate' AND j.status IN {_TERMINAL_STATUSES}))
+      AND NOT (o.action = 'cancel' AND EXISTS (
+            SELECT 1 FROM outbox g
+            WHERE g.job_id = o.job_id AND g.action = 'generate'
+              AND g.delivered_at IS NULL AND g.failed_at IS NULL))
+    ORDER BY o.due_at, o.id
+    LIMIT $3
+    FOR UPDATE OF o SKIP LOCKED
+)
+UPDATE outbox o
+SET leased_until = now() + make_interval(secs => $2),
+    lease_owner = $1,
+    attempts = o.attempts + 1
+FROM due, jobs j
+WHERE o.id = due.id AND j.id = o.job_id
+RETURNING o.id, o.job_id, o.action, o.payload, o.attempts, j.kind, j.status,
+          (SELECT a.backend_job_id FROM job_aliases a WHERE a.job_id = o.job_id)
+              AS backend_job_id
+"""
+
+# Seconds until the next row may become claimable (its due time or the end of its lease);
+# NULL when nothing is waiting. Blocked cancels are left out: they wake with their generate.
+NEXT_DUE = """
+SELECT EXTRACT(EPOCH FROM min(GREATEST(o.due_at, COALESCE(o.leased_until, o.due_at))) - now())
+FROM outbox o
+WHERE o.delivered_at IS NULL AND o.failed_at IS NULL
+  AND NOT (o.action = 'cancel' AND EXISTS (
+        SELECT 1 FROM outbox g
+        WHERE g.job_id = o.job_id AND g.action = 'generate'
+          AND g.delivered_at IS NULL AND g.failed_at IS NULL))
+"""
+
+# Whoever holds the row, an accepted call settles it: the backend has the job either way.
+# The payload goes (it may hold a 10 MiB input image).
+MARK_DELIVERED = """
+UPDATE outbox
+SET delivered_at = now(), payload = NULL, leased_until = NULL, lease_owner = NULL,
+    last_error = NULL
+WHERE id = $1 AND delivered_at IS NULL AND failed_at IS NULL
+RETURNING id
+"""
+
+# Only the current claim may fail or reschedule its row.
+MARK_FAILED = """
+UPDATE outbox
+SET failed_at = now(), payload = NULL, leased_until = NULL, lease_owner = NULL,
+    last_error = $4
+WHERE id = $1 AND lease_owner = $2 AND attempts = $3
+  AND delivered_at IS NULL AND failed_at IS NULL
+RETURNING id
+"""
+
+RESCHEDULE = """
+UPDATE outbox
+SET due_at = now() + make_interval(secs => $4), leased_until = NULL, lease_owner = NULL,
+    last_error = $5
+WHERE id = $1 AND lease_owner = $2 AND attempts = $3
+  AND delivered_at IS NULL AND failed_at IS NULL
+RETURNING id
+"""
+
+# A job's cancel that has nothing to cancel: the backend never received the job.
+SETTLE_UNSENT_CANCEL = """
+UPDATE outbox
+SET failed_at = now(), payload = NULL, leased_until = NULL, lease_owner = NULL,
+    last_error = $2
+WHERE job_id = $1 AND action = 'cancel' AND delivered_at IS NULL AND failed_at IS NULL
+RETURNING id
+"""
+
+# Claims given back before any call was made: they do not count as attempts.
+RELEASE = """
+UPDATE outbox
+SET leased_until = NULL, lease_owner = NULL, attempts = GREATEST(attempts - 1, 0)
+WHERE id = ANY($1::bigint[]) AND lease_owner = $2
+  AND delivered_at IS NULL AND failed_at IS NULL
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claimed:
+    """One claimed row, with what sending it needs to know about its job."""
+
+    id: int
+    job_id: str
+    kind: Kind
+    action: str
+    payload: Any
+    # this claim's number: 1 for the first attempt
+    attempts: int
+    job_status: Status
+    # the backend's own id for the job, when its answer (or the reconciler) recorded one
+    backend_job_id: str | None
+
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> Claimed:
+        return cls(
+            id=r["id"],
+            job_id=r["job_id"],
+            kind=Kind(r["kind"]),
+            action=r["action"],
+            payload=r["payload"],
+            attempts=r["attempts"],
+            job_status=Status(r["status"]),
+            backend_job_id=r["backend_job_id"],
+        )
+
+
+async def claim(
+    conn: asyncpg.Connection, *, owner: str, lease_seconds: float, limit: int
+) -> list[Claimed]:
+    """Lease up to `limit` due rows to `owner` for `lease_seconds`, oldest due first."""
+    rows = await conn.fetch(CLAIM, owner, lease_seconds, limit)
+    return [Claimed.from_record(r) for r in rows]
+
+
+async def next_due_in(conn: asyncpg.Connection) -> float | None:
+    """Seconds until a row may be claimable (<= 0: now); None when the outbox is idle."""
+    seconds = await conn.fetchval(NEXT_DUE)
+    return None if seconds is None else float(seconds)
+
+
+async def mark_delivered(conn: asyncpg.Connection, outbox_id: int) -> bool:
+    """Settle a row the backend accepted; False when it was settled already."""
+    return await conn.fetchval(MARK_DELIVERED, outbox_id) is not None
+
+
+async def mark_failed(conn: asyncpg.Connection, row: Claimed, *, owner: str, error: str) -> bool:
+    """Settle a row for good with the reason; False when this claim no longer holds it."""
+    return await conn.fetchval(MARK_FAILED, row.id, owner, row.attempts, error) is not None
+
+
+async def reschedule(
+    conn: asyncpg.Connection, row: Claimed, *, owner: str, delay_seconds: float, error: str
+) -> bool:
+    """Give the row back, due again in `delay_seconds`; False when this claim lost it."""
+    found = await conn.fetchval(RESCHEDULE, row.id, owner, row.attempts, delay_seconds, error)
+    return found is not None
+
+
+async def settle_unsent_cancel(conn: asyncpg.Connection, job_id: str, reason: str) -> bool:
+    """Settle the job's pending cancel without a call; False when there is none."""
+    return await conn.fetchval(SETTLE_UNSENT_CANCEL, job_id, reason) is not None
+
+
+async def release(conn: asyncpg.Connection, outbox_ids: list[int], *, owner: str) -> None:
+    """Hand back rows claimed but never sent, claimable again at once."""
+    await conn.execute(RELEASE, outbox_ids, owner)
+
+
+async def record_backend_id(
+    conn: asyncpg.Connection, kind: Kind, backend_job_id: str, job: LockedJob
+) -> Attached | None:
+    """`orphans.attach` from delivery, in a savepoint: None when that id is taken already.
+
+    A backend id that already belongs to another job (or a job that already has another
+    alias) must not undo the delivery being recorded around it.
+    """
+    try:
+        async with conn.transaction():
+            with translate_errors():
+                return await orphans.attach(conn, kind, backend_job_id, job, source="delivery")
+    except Duplicate:
+        return None
+
+
+async def listen(
+    dsn: str,
+    on_wake: Callable[[], None],
+    *,
+    stopping: asyncio.Event,
+    retry_seconds: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0),
+) -> None:
+    """LISTEN on the wake channel on one connection until `stopping` is set.
+
+    `on_wake` is called for every NOTIFY and after every (re)connection, since NOTIFYs sent
+    while the connection was down are lost.
+    """
+    failures = 0
+    while not stopping.is_set():
+        if await _listen_once(dsn, on_wake, stopping, reconnected=failures > 0):
+            failures = 0
+        if stopping.is_set():
+            break
+        delay = retry_seconds[min(failures, len(retry_seconds) - 1)]
+        failures += 1
+        await _wait_either(stopping, asyncio.Event(), delay)
+
+
+async def _listen_once(
+    dsn: str, on_wake: Callable[[], None], stopping: asyncio.Event, *, reconnected: bool
+) -> bool:
+    """One connection's life; False when it could not even be opened."""
+    try:
+        conn = await connect(dsn)
+    except StoreError as exc:
+        log.warning("outbox_listener_unavailable", error=str(exc))
+        return False
+    lost = asyncio.Event()
+    try:
+        conn.add_termination_listener(lambda _conn: lost.set())
+        await conn.add_listener(WAKE_CHANNEL, lambda *_args: on_wake())
+        if reconnected:
+            log.info("outbox_listener_reconnected")
+        on_wake()
+        await _wait_either(stopping, lost, None)
+        if lost.is_set() and not stopping.is_set():
+            log.warning("outbox_listener_lost", error="connection closed")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("outbox_listener_lost", error=type(exc).__name__)
+    finally:
+        if not conn.is_closed():
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await conn.close(timeout=2)
+    return True
+
+
+async def _wait_either(first: asyncio.Event, second: asyncio.Event, seconds: float | None) -> None:
+    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
