@@ -205,3 +205,20 @@ def test_unknown_modes_are_refused() -> None:
     assert parse_mode("own-uuid+no-hints") == {"own-uuid", "no-hints"}
     with pytest.raises(ModeError):
         parse_mode("sideways")
+
+
+async def test_a_lost_own_id_never_reaches_the_caller(aiohttp_server: Server) -> None:
+    backend, server, receiver = await start(aiohttp_server, "own-uuid+lost-answer")
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await session.post(
+                server.make_url("/api/images/generate"),
+                json={"prompt": "x", "job_id": "job-1"},
+                headers={"Idempotency-Key": "job-1"},
+            )
+    again = await generate(server, key="job-1", prompt="x")
+    await backend.idle()
+    (backend_id,) = backend.jobs
+    assert again["job_id"] == "job-1"
+    assert backend_id != "job-1"
+    assert {p["job_id"] for _, _, p in receiver.received} == {backend_id}

@@ -8,7 +8,8 @@ files at the URLs it reports. Behaviours reproduce the real backend's failure mo
 - `honest`: uses the job_id it was given, sends `user_id` and `original_prompt`;
 - `own-uuid`: ignores `job_id` and answers (and sends webhooks under) its own UUID;
 - `lost-answer`: starts the job, then drops the connection before answering; a retry with
-  the same Idempotency-Key gets the original answer;
+  the same Idempotency-Key is answered with the job id the caller sent, so with `own-uuid`
+  the backend's own id never reaches the caller (its webhooks become orphans);
 - `no-hints`: omits `user_id` and `original_prompt` (only the files' description is left);
 - `duplicates`: sends every webhook three times with the same webhook-id;
 - `out-of-order`: sends the sequence shuffled;
@@ -195,7 +196,8 @@ class SimulatedBackend:
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
         }
         if key:
-            self._answers[key] = answer
+            # a replayed answer echoes the caller's id: a lost own id stays lost
+            self._answers[key] = {**answer, "job_id": job.given_id or backend_id}
         self._start(job)
         if "lost-answer" in behaviour and request.transport is not None:
             # the job runs, but the caller never hears about it
