@@ -72,6 +72,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send X-Webhook-Secret (LEGACY_WEBHOOK_SECRET) instead of signatures",
     )
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the whole flow on the embedded default against the simulated backend",
+    )
+    demo.add_argument(
+        "--jobs", type=int, default=16, help="jobs to submit (at least the 16 of the base plan)"
+    )
+    demo.add_argument("--fast", action="store_true", help="short webhook delays (for CI)")
     return parser
 
 
@@ -175,11 +184,20 @@ def _simulate_backend(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway import demo
+
+    if not settings.embedded_allowed:
+        raise SettingsError("SORAMI_EMBEDDED", "the demo needs the embedded PostgreSQL")
+    return demo.run(settings.data_dir, jobs=args.jobs, fast=args.fast)
+
+
 _COMMANDS = {
     "serve": _serve,
     "migrate": _migrate,
     "token": _token,
     "simulate-backend": _simulate_backend,
+    "demo": _demo,
 }
 
 

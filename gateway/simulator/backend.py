@@ -17,8 +17,9 @@ files at the URLs it reports. Behaviours reproduce the real backend's failure mo
 - `slow`: answers late and spaces the webhooks out.
 
 Behaviours combine with `+` (`own-uuid+no-hints`). Each request takes the behaviour named
-in its `X-Simulate-Mode` header, else a `[sim:MODE]` marker in its prompt, else the next of
-the configured mix, in turn. The backend's own state is in memory: it is a test double.
+in its `X-Simulate-Mode` header, else a `[sim:MODE]` marker in its prompt, else the one the
+configured plan gives its prompt, else the next of the configured mix, in turn. The
+backend's own state is in memory: it is a test double.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -47,7 +48,14 @@ from gateway.simulator.media import png_size, prompt_colour, sample_video, solid
 log = structlog.get_logger(__name__)
 
 MODES = (
-    "honest", "own-uuid", "lost-answer", "no-hints", "duplicates", "out-of-order", "fail", "slow",
+    "honest",
+    "own-uuid",
+    "lost-answer",
+    "no-hints",
+    "duplicates",
+    "out-of-order",
+    "fail",
+    "slow",
 )
 _MARKER = re.compile(r"\[sim:([a-z+-]+)\]")
 _encode = msgspec.json.Encoder().encode
@@ -86,6 +94,8 @@ class SimulatorConfig:
     webhook_secret: str | None = None
     legacy_secret: str | None = None
     mix: tuple[frozenset[str], ...] = (frozenset({"honest"}),)
+    # prompt -> behaviour, for callers that script each job (the demo)
+    plan: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)
     step_delay: float = 0.2
     send_attempts: int = 8
 
@@ -148,6 +158,11 @@ class SimulatedBackend:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._session.close()
+
+    @property
+    def busy(self) -> bool:
+        """True while a webhook sequence is still being sent."""
+        return bool(self._tasks)
 
     async def idle(self) -> None:
         """Wait until every webhook sequence started so far has been sent."""
@@ -232,6 +247,8 @@ class SimulatedBackend:
         marker = _MARKER.search(prompt)
         if marker:
             return parse_mode(marker.group(1))
+        if prompt in self.config.plan:
+            return self.config.plan[prompt]
         mix = self.config.mix
         return mix[next(self._turn) % len(mix)]
 
