@@ -7,6 +7,7 @@ from aiohttp import web
 from gateway import keys
 from gateway.health import setup_health
 from gateway.middleware import error_middleware
+from gateway.observability import setup_observability
 from gateway.settings import Settings
 from gateway.store import setup_database
 
@@ -19,4 +20,5 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.SETTINGS] = settings
     setup_database(app)
     setup_health(app)
+    setup_observability(app)
     return app
