@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.health import setup_health
+from gateway.metrics.exposition import setup_metrics
 from gateway.middleware import error_middleware
 from gateway.observability import setup_observability
 from gateway.settings import Settings
@@ -21,4 +22,5 @@ def create_app(settings: Settings) -> web.Application:
     setup_database(app)
     setup_health(app)
     setup_observability(app)
+    setup_metrics(app)
     return app
