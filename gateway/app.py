@@ -7,7 +7,9 @@ from aiohttp import web
 from gateway import keys
 from gateway.delivery import setup_delivery
 from gateway.health import setup_health
+from gateway.metrics.exposition import setup_metrics
 from gateway.middleware import error_middleware
+from gateway.observability import setup_observability
 from gateway.settings import Settings
 from gateway.store import setup_database
 
@@ -21,4 +23,6 @@ def create_app(settings: Settings) -> web.Application:
     setup_database(app)
     setup_health(app)
     setup_delivery(app)
+    setup_observability(app)
+    setup_metrics(app)
     return app

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.settings import Settings
 from gateway.store.database import Database
 
+if TYPE_CHECKING:
+    # imported for the annotation only: the gauges module itself imports the store
+    from gateway.metrics.database import DatabaseGauges
+
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+DATABASE_GAUGES: web.AppKey[DatabaseGauges] = web.AppKey("database_gauges")

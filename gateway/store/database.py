@@ -25,6 +25,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.ConnectionFailureError,
+    # raised when a connection killed mid-protocol is reused ("cannot switch to state ...")
+    asyncpg.InternalClientError,
 )
 
 
