@@ -9,6 +9,7 @@ from gateway.health import setup_health
 from gateway.middleware import error_middleware
 from gateway.settings import Settings
 from gateway.store import setup_database
+from gateway.webhooks import setup_webhooks
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -19,4 +20,5 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.SETTINGS] = settings
     setup_database(app)
     setup_health(app)
+    setup_webhooks(app)
     return app
