@@ -6,7 +6,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.jobs.kinds import Kind
-from gateway.webhooks.handlers import ROUTES, image_completion, video_completion
+from gateway.webhooks.handlers import ROUTES, get_verifier, image_completion, video_completion
 from gateway.webhooks.verify import Verifier
 
 __all__ = ["ROUTES", "get_verifier", "setup_webhooks"]
@@ -18,9 +18,3 @@ def setup_webhooks(app: web.Application) -> None:
     app.router.add_post(ROUTES[Kind.IMAGE], image_completion)
     app.router.add_post(ROUTES[Kind.VIDEO], video_completion)
 
-
-def get_verifier(app: web.Application) -> Verifier:
-    try:
-        return app[keys.WEBHOOK_VERIFIER]
-    except KeyError:
-        raise RuntimeError("webhooks are not set up: call setup_webhooks(app)") from None

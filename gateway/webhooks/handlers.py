@@ -17,7 +17,7 @@ from typing import Any, Final
 import msgspec
 import structlog
 from aiohttp import web
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from gateway import keys, metrics
 from gateway.errors import (
@@ -33,7 +33,7 @@ from gateway.jobs.prompts import fingerprint
 from gateway.store import get_database
 from gateway.store import webhooks as store_webhooks
 from gateway.store.webhooks import Delivery, Ingested, Outcome
-from gateway.webhooks.verify import VerificationFailed, Verified
+from gateway.webhooks.verify import VerificationFailed, Verified, Verifier
 
 log = structlog.get_logger(__name__)
 
@@ -58,13 +58,14 @@ _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Counters:
-    """The kind's WEBHOOKS children, bound once rather than looked up per delivery."""
+    """The kind's metric children, bound once rather than looked up per delivery."""
 
     outcomes: dict[Outcome, Counter]
     invalid_signature: Counter
     invalid_payload: Counter
     too_large: Counter
     legacy_auth: Counter
+    processing: Histogram
 
     @classmethod
     def bind(cls, kind: Kind) -> _Counters:
@@ -77,10 +78,18 @@ class _Counters:
             invalid_payload=child("invalid_payload"),
             too_large=child("too_large"),
             legacy_auth=child("legacy_auth"),
+            processing=metrics.WEBHOOK_PROCESSING.labels(kind.value),
         )
 
 
 _COUNTERS: Final = {kind: _Counters.bind(kind) for kind in Kind}
+
+
+def get_verifier(app: web.Application) -> Verifier:
+    try:
+        return app[keys.WEBHOOK_VERIFIER]
+    except KeyError:
+        raise RuntimeError("webhooks are not set up: call setup_webhooks(app)") from None
 
 
 async def image_completion(request: web.Request) -> web.Response:
@@ -105,7 +114,7 @@ async def receive(request: web.Request, kind: Kind) -> web.Response:
         raise PayloadTooLarge(f"The webhook body is larger than {limit} bytes.")
 
     try:
-        verified = request.config_dict[keys.WEBHOOK_VERIFIER].verify(request.headers, body)
+        verified = get_verifier(request.app).verify(request.headers, body)
     except VerificationFailed as failure:
         counters.invalid_signature.inc()
         log.warning("webhook_rejected", kind=kind.value, reason=failure.reason)
@@ -121,7 +130,7 @@ async def receive(request: web.Request, kind: Kind) -> web.Response:
     counters.outcomes[result.outcome].inc()
     _observe(kind, result)
     _log(kind, verified, payload, result)
-    metrics.WEBHOOK_PROCESSING.labels(kind.value).observe(time.perf_counter() - started)
+    counters.processing.observe(time.perf_counter() - started)
     status, answer = _ANSWERS[result.outcome]
     return web.Response(status=status, body=answer, content_type="application/json")
 
