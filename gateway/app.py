@@ -12,6 +12,7 @@ from gateway.middleware import error_middleware
 from gateway.observability import setup_observability
 from gateway.settings import Settings
 from gateway.store import setup_database
+from gateway.webhooks import setup_webhooks
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -25,4 +26,5 @@ def create_app(settings: Settings) -> web.Application:
     setup_delivery(app)
     setup_observability(app)
     setup_metrics(app)
+    setup_webhooks(app)
     return app

@@ -11,10 +11,12 @@ from gateway.settings import Settings
 from gateway.store.database import Database
 
 if TYPE_CHECKING:
-    # imported for the annotation only: the gauges module itself imports the store
+    # annotations only: these modules import the store, which imports this module
     from gateway.metrics.database import DatabaseGauges
+    from gateway.webhooks.verify import Verifier
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 DATABASE_GAUGES: web.AppKey[DatabaseGauges] = web.AppKey("database_gauges")
+WEBHOOK_VERIFIER: web.AppKey[Verifier] = web.AppKey("webhook_verifier")
