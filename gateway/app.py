@@ -5,8 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import keys
+from gateway.api import setup_api
+from gateway.auth import setup_auth
+from gateway.events import setup_events
 from gateway.health import setup_health
 from gateway.middleware import error_middleware
+from gateway.openapi import setup_openapi
 from gateway.settings import Settings
 from gateway.store import setup_database
 
@@ -19,4 +23,8 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.SETTINGS] = settings
     setup_database(app)
     setup_health(app)
+    setup_auth(app)
+    setup_events(app)
+    setup_api(app)
+    setup_openapi(app)
     return app
