@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import embedded, server
+from gateway.auth import dev_token
 from gateway.errors import GatewayError
 from gateway.logging import configure as configure_logging
 from gateway.settings import Settings, SettingsError
@@ -96,8 +97,6 @@ def _migrate_now(settings: Settings) -> list[str]:
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.auth import dev_token
-
     if settings.auth_hs256_secret is None and settings.embedded and not settings.auth_jwks_url:
         settings = embedded.with_dev_secrets(settings)
     print(dev_token(settings, args.user, org_id=args.org, ttl=args.ttl))

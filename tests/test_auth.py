@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.api import routes
 from gateway.app import create_app
 from gateway.auth import UNAUTHORIZED_MESSAGE
 from gateway.auth.jwks import JWKSCache
@@ -456,3 +457,11 @@ def test_cli_token_needs_a_secret_without_the_embedded_default(database_url: str
     result = run_token("--user", "u", DATABASE_URL=database_url)
     assert result.returncode == 2
     assert result.stderr.startswith("sorami-gateway: error: AUTH_HS256_SECRET:")
+
+
+async def test_every_client_route_requires_a_token(client: Any) -> None:
+    for route in routes():
+        path = route.operation.path.replace("{id}", "1")
+        resp = await client.request(route.operation.method, path, json={"prompt": "p"})
+        assert resp.status == 401, (route.operation.method, path)
+        await assert_rejected(resp)

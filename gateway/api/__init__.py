@@ -16,10 +16,10 @@ from gateway import keys
 from gateway.api import jobs, notifications
 from gateway.api.events import JobEventStream
 from gateway.api.schemas import (
+    REQUEST_TYPES,
     GalleryQuery,
     IdempotencyKey,
     ImageGallery,
-    ImageRequest,
     ImageResult,
     JobAccepted,
     JobEvent,
@@ -28,7 +28,6 @@ from gateway.api.schemas import (
     NotificationQuery,
     NotificationView,
     VideoGallery,
-    VideoRequest,
     VideoResult,
 )
 from gateway.jobs.kinds import Kind
@@ -52,7 +51,6 @@ class Route:
     handler: Handler
 
 
-_REQUESTS = {Kind.IMAGE: ImageRequest, Kind.VIDEO: VideoRequest}
 _RESULTS = {Kind.IMAGE: ImageResult, Kind.VIDEO: VideoResult}
 _GALLERIES = {Kind.IMAGE: ImageGallery, Kind.VIDEO: VideoGallery}
 
@@ -68,7 +66,7 @@ def _job_routes(kind: Kind) -> list[Route]:
                     "The job and its delivery to the generator are committed before the "
                     "answer; the generator is called in the background, with retries."
                 ),
-                body=_REQUESTS[kind],
+                body=REQUEST_TYPES[kind],
                 headers=(Header(jobs.IDEMPOTENCY_HEADER,
                                 "retrying with the same key and body returns the same job; "
                                 "the same key with another body is 422",

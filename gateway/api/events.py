@@ -20,7 +20,7 @@ from gateway.api.schemas import JobEvent
 from gateway.auth import authenticate
 from gateway.errors import NotFound
 from gateway.events import get_job_events
-from gateway.store import Database, get_database
+from gateway.store import Database, StoreError, get_database
 from gateway.store import events as store_events
 from gateway.store import jobs as store_jobs
 from gateway.store.events import JobEventRow
@@ -93,6 +93,10 @@ class JobEventStream:
             except ConnectionResetError:
                 log.debug("job_events_client_gone", job_id=job_id)
                 return response
+            except StoreError as exc:
+                # headers are sent: end the stream; the client resumes with Last-Event-ID
+                log.warning("job_events_stream_interrupted", job_id=job_id,
+                            error=type(exc).__name__)
             await response.write_eof()
         return response
 

@@ -166,7 +166,6 @@ class VideoRequest(msgspec.Struct, kw_only=True):
             _input_image(self.input_image_base64)
 
 
-GenerateRequest = ImageRequest | VideoRequest
 REQUEST_TYPES: Final[dict[Kind, type[ImageRequest] | type[VideoRequest]]] = {
     Kind.IMAGE: ImageRequest,
     Kind.VIDEO: VideoRequest,

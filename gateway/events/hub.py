@@ -144,6 +144,9 @@ class JobEventHub:
                     error=type(exc).__name__,
                     retry_in_seconds=delay,
                 )
+            except Exception:
+                # live events must come back whatever went wrong: log it and reconnect
+                log.exception("job_events_listener_crashed", channel=self._channel)
             finally:
                 self._listening.clear()
                 if listener is not None:
