@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.api import routes
 from gateway.app import create_app
 from gateway.auth import UNAUTHORIZED_MESSAGE
-from gateway.auth.jwks import JWKSCache
+from gateway.auth.jwks import JWKSCache, JWKSUnavailable
 from gateway.settings import Settings
 from gateway.store import Database
 from tests.conftest import HS256_SECRET
@@ -465,3 +465,27 @@ async def test_every_client_route_requires_a_token(client: Any) -> None:
         resp = await client.request(route.operation.method, path, json={"prompt": "p"})
         assert resp.status == 401, (route.operation.method, path)
         await assert_rejected(resp)
+
+
+def padding_keys(count: int) -> tuple[dict[str, Any], ...]:
+    """Keys the cache must skip (encryption use), to make a key set large."""
+    return tuple({"kty": "RSA", "use": "enc", "kid": f"enc-{n}", "n": "A" * 700, "e": "AQAB"}
+                 for n in range(count))
+
+
+async def test_large_key_set_is_read_whole(
+    provider: JWKSEndpoint, session: aiohttp.ClientSession
+) -> None:
+    provider.document = jwks(ec_key(), extra=(*padding_keys(300), rsa_key().jwk()))
+    cache = JWKSCache(session, provider.url)
+    assert await cache.get("rsa-1") is not None
+    assert cache.kids == {"ec-1", "rsa-1"}
+
+
+async def test_oversized_key_set_is_refused(
+    provider: JWKSEndpoint, session: aiohttp.ClientSession
+) -> None:
+    provider.document = jwks(rsa_key(), extra=padding_keys(1000))
+    cache = JWKSCache(session, provider.url)
+    with pytest.raises(JWKSUnavailable):
+        await cache.get("rsa-1")

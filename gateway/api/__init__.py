@@ -61,7 +61,7 @@ def _job_routes(kind: Kind) -> list[Route]:
         Route(
             Operation(
                 "POST", f"{base}/generate", f"generate{kind.label.title()}",
-                f"Create a {noun} generation job", tag,
+                f"Create a job generating {kind.plural}", tag,
                 description=(
                     "The job and its delivery to the generator are committed before the "
                     "answer; the generator is called in the background, with retries."

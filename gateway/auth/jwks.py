@@ -111,10 +111,12 @@ class JWKSCache:
                     raise aiohttp.ClientResponseError(
                         resp.request_info, resp.history, status=resp.status
                     )
-                body = await resp.content.read(MAX_JWKS_BYTES + 1)
-            if len(body) > MAX_JWKS_BYTES:
-                raise ValueError("the key set is too large")
-            keys = parse_key_set(body)
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_JWKS_BYTES:
+                        raise ValueError("the key set is too large")
+            keys = parse_key_set(bytes(body))
         except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError, ValueError) as exc:
             log.warning(
                 "jwks_fetch_failed",
