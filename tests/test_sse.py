@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
 from gateway import keys
 from gateway.app import create_app
@@ -324,3 +325,13 @@ def test_sse_heartbeat_setting() -> None:
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({"SSE_HEARTBEAT_SECONDS": "0"})
     assert caught.value.variable == "SSE_HEARTBEAT_SECONDS"
+
+
+async def test_shutdown_after_a_client_left_is_quiet(client: Any, db: Database) -> None:
+    job_id = await insert_job(db, status=Status.GENERATING)
+    resp = await open_stream(client, job_id)
+    assert (await next_event(resp)) is not None
+    resp.close()  # the client goes away without the server writing anything since
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait_for(client.server.close(), 10)
+    assert [e for e in logs if e["log_level"] == "error"] == []

@@ -90,14 +90,13 @@ class JobEventStream:
                     last_seen, finished = await self._send_since(
                         response, database, job, last_seen
                     )
+                await response.write_eof()
             except ConnectionResetError:
                 log.debug("job_events_client_gone", job_id=job_id)
-                return response
             except StoreError as exc:
                 # headers are sent: end the stream; the client resumes with Last-Event-ID
                 log.warning("job_events_stream_interrupted", job_id=job_id,
                             error=type(exc).__name__)
-            await response.write_eof()
         return response
 
     async def _send_since(
