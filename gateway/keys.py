@@ -12,7 +12,10 @@ from gateway.store.database import Database
 
 if TYPE_CHECKING:
     # annotations only: these modules import the store, which imports this module
+    from gateway.auth import Authenticator
+    from gateway.events import JobEventHub
     from gateway.metrics.database import DatabaseGauges
+    from gateway.openapi import Operation
     from gateway.webhooks.verify import Verifier
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -20,3 +23,7 @@ DATABASE = web.AppKey("database", Database)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 DATABASE_GAUGES: web.AppKey[DatabaseGauges] = web.AppKey("database_gauges")
 WEBHOOK_VERIFIER: web.AppKey[Verifier] = web.AppKey("webhook_verifier")
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+JOB_EVENTS: web.AppKey[JobEventHub] = web.AppKey("job_events")
+# (method, path template) -> its documentation, filled by each setup_x that adds routes
+OPERATIONS: web.AppKey[dict[tuple[str, str], Operation]] = web.AppKey("operations")
