@@ -5,11 +5,18 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import keys
+from gateway.api import setup_api
+from gateway.auth import setup_auth
 from gateway.delivery import setup_delivery
+from gateway.events import setup_events
 from gateway.health import setup_health
+from gateway.metrics.exposition import setup_metrics
 from gateway.middleware import error_middleware
+from gateway.observability import setup_observability
+from gateway.openapi import setup_openapi
 from gateway.settings import Settings
 from gateway.store import setup_database
+from gateway.webhooks import setup_webhooks
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -20,5 +27,12 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.SETTINGS] = settings
     setup_database(app)
     setup_health(app)
+    setup_auth(app)
+    setup_events(app)
+    setup_api(app)
     setup_delivery(app)
+    setup_observability(app)
+    setup_metrics(app)
+    setup_webhooks(app)
+    setup_openapi(app)
     return app

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections.abc import Sequence
 
 from gateway import embedded, server
+from gateway.auth import dev_token
 from gateway.errors import GatewayError
 from gateway.logging import configure as configure_logging
 from gateway.settings import Settings, SettingsError
@@ -132,22 +132,9 @@ def _migrate_now(settings: Settings) -> list[str]:
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
-    import jwt
-
-    if settings.auth_hs256_secret is None:
-        if not settings.embedded:
-            raise SettingsError("AUTH_HS256_SECRET", "is required to make development tokens")
+    if settings.auth_hs256_secret is None and settings.embedded and not settings.auth_jwks_url:
         settings = embedded.with_dev_secrets(settings)
-    assert settings.auth_hs256_secret is not None
-    now = int(time.time())
-    claims: dict[str, object] = {"sub": args.user, "iat": now, "nbf": now, "exp": now + args.ttl}
-    if args.org:
-        claims["org_id"] = args.org
-    if settings.auth_issuer:
-        claims["iss"] = settings.auth_issuer
-    if settings.auth_audience:
-        claims["aud"] = settings.auth_audience
-    print(jwt.encode(claims, settings.auth_hs256_secret.reveal(), algorithm="HS256"))
+    print(dev_token(settings, args.user, org_id=args.org, ttl=args.ttl))
     return 0
 
 

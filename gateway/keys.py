@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.settings import Settings
 from gateway.store.database import Database
 
+if TYPE_CHECKING:
+    # annotations only: these modules import the store, which imports this module
+    from gateway.auth import Authenticator
+    from gateway.events import JobEventHub
+    from gateway.metrics.database import DatabaseGauges
+    from gateway.openapi import Operation
+    from gateway.webhooks.verify import Verifier
+
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+DATABASE_GAUGES: web.AppKey[DatabaseGauges] = web.AppKey("database_gauges")
+WEBHOOK_VERIFIER: web.AppKey[Verifier] = web.AppKey("webhook_verifier")
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+JOB_EVENTS: web.AppKey[JobEventHub] = web.AppKey("job_events")
+# (method, path template) -> its documentation, filled by each setup_x that adds routes
+OPERATIONS: web.AppKey[dict[tuple[str, str], Operation]] = web.AppKey("operations")

@@ -9,13 +9,18 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
 
 from gateway.app import create_app
 from gateway.logging import configure as configure_logging
+from gateway.metrics import WORKER_STARTS
+from gateway.metrics import multiprocess as metrics_multiprocess
 from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -43,6 +48,7 @@ async def serve_forever(
             runner, settings.host, settings.port, reuse_port=reuse_port, backlog=2048
         )
         await site.start()
+        WORKER_STARTS.inc()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -69,6 +75,15 @@ def run(settings: Settings, *, workers: int, shutdown_timeout: float) -> int:
             serve_forever(settings, reuse_port=False, shutdown_timeout=shutdown_timeout)
         )
         return 0
+    # the workers' metric files go to a fresh directory exported before they are spawned
+    with metrics_multiprocess.shared_directory() as metrics_dir:
+        log.info("metrics_multiprocess_dir", path=str(metrics_dir), workers=workers)
+        return _run_workers(settings, workers, shutdown_timeout, metrics_dir)
+
+
+def _run_workers(
+    settings: Settings, workers: int, shutdown_timeout: float, metrics_dir: Path
+) -> int:
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(
@@ -89,8 +104,14 @@ def run(settings: Settings, *, workers: int, shutdown_timeout: float) -> int:
     try:
         for proc in procs:
             proc.start()
-        for proc in procs:
-            proc.join()
+        running: dict[int, BaseProcess] = {proc.sentinel: proc for proc in procs}
+        while running:
+            # reap workers in the order they exit, so a dead one's live gauges go at once
+            for sentinel in wait(list(running)):
+                exited = running.pop(cast(int, sentinel))  # wait() returns what it got
+                exited.join()
+                if exited.pid is not None:
+                    metrics_multiprocess.worker_exited(exited.pid, metrics_dir)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -73,6 +73,7 @@ class Settings:
     auth_authorized_parties: tuple[str, ...] = ()
     auth_hs256_secret: Secret | None = None
     request_max_body_bytes: int = 16 * 1024 * 1024
+    sse_heartbeat_seconds: float = 15.0
     db_pool_min: int = 2
     db_pool_max: int = 10
     log_level: str = "info"
@@ -121,6 +122,7 @@ class Settings:
             request_max_body_bytes=p.integer(
                 "REQUEST_MAX_BODY_BYTES", 16 * 1024 * 1024, low=1024
             ),
+            sse_heartbeat_seconds=p.number("SSE_HEARTBEAT_SECONDS", 15.0, low=0.1),
             db_pool_min=p.integer("DB_POOL_MIN", 2, low=0, high=1000),
             db_pool_max=p.integer("DB_POOL_MAX", 10, low=1, high=1000),
             log_level=p.choice(

@@ -88,7 +88,8 @@ async def app(settings: Settings) -> web.Application:
 
 @pytest.fixture
 async def client(
-    aiohttp_client: Callable[..., Any], app: web.Application
+    app: web.Application, aiohttp_client: Callable[..., Any]
 ) -> TestClient[web.Request, web.Application]:
+    # app first: its database is set up before the client and dropped after it closes
     result: TestClient[web.Request, web.Application] = await aiohttp_client(app)
     return result

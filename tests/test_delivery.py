@@ -592,7 +592,7 @@ async def test_the_listener_reconnects_after_losing_its_connection(
 ) -> None:
     await start_gateway()
     listening = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                 "AND query LIKE 'LISTEN%'")
+                 "AND query LIKE 'LISTEN%sorami_outbox%'")
 
     async def listener_up() -> bool:
         return bool(await db.fetch(listening))

@@ -64,11 +64,13 @@ def test_video_files_keep_their_duration() -> None:
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"status": "completed"}, None),
-        ({"job_id": "x", "status": "exploded"}, None),
+        ({"status": "completed"}, "$.job_id"),
+        ({"job_id": "x", "status": "exploded"}, "$.status"),
         ({"job_id": "x", "status": "generating", "progress": 250}, "$.progress"),
         ({"job_id": "x", "status": "completed", "data": {"images": [{"format": "PNG"}]}},
-         "$.data.images[0]"),
+         "$.data.images[0].url"),
+        ({"job_id": "x", "status": "failed", "error_message": "bad\u0000byte"},
+         "$.error_message"),
         ({"job_id": 12, "status": "completed"}, "$.job_id"),
     ],
 )
@@ -76,8 +78,14 @@ def test_wrong_shapes_name_the_field(body: dict[str, object], field: str | None)
     with pytest.raises(PayloadError) as raised:
         decode(json.dumps(body).encode())
     assert not raised.value.not_json
-    if field:
-        assert raised.value.field == field
+    assert raised.value.field == field
+
+
+def test_deep_nesting_is_a_shape_error_not_a_crash() -> None:
+    body = b'{"job_id": "x", "status": "completed", "extra": ' + b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(PayloadError) as raised:
+        decode(body + b"}")
+    assert not raised.value.not_json
 
 
 def test_not_json_is_told_apart() -> None:

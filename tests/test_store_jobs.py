@@ -112,3 +112,34 @@ async def test_concurrent_completions_serialize_on_the_row_lock(db: Database) ->
     assert await db.fetchval("SELECT count(*) FROM job_files WHERE job_id = $1", job_id) == 2
     assert await db.fetchval(
         "SELECT count(*) FROM notifications WHERE job_id = $1", job_id) == 1
+
+
+async def test_a_deadlock_is_a_retryable_unavailability(db: Database) -> None:
+    from gateway.store import StoreUnavailable
+
+    first, second = await insert_job(db), await insert_job(db)
+    both_locked_one = asyncio.Event()
+
+    async def lock_in_order(a: str, b: str) -> None:
+        async with db.transaction() as conn:
+            await conn.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", a)
+            await both_locked_one.wait()
+            await conn.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", b)
+
+    tasks = [asyncio.create_task(lock_in_order(first, second)),
+             asyncio.create_task(lock_in_order(second, first))]
+    await asyncio.sleep(0.2)
+    both_locked_one.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sum(isinstance(r, StoreUnavailable) for r in results) == 1
+    assert sum(r is None for r in results) == 1
+
+
+async def test_a_connection_returns_to_the_pool_without_an_open_transaction(
+    db: Database,
+) -> None:
+    async with db.connection() as conn:
+        await conn.execute("BEGIN")
+        await conn.execute("SELECT 1")
+    async with db.connection() as conn:
+        assert not conn.is_in_transaction()

@@ -8,6 +8,7 @@ the raw body is what gets stored, so nothing is lost.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -103,7 +104,7 @@ _decoder = msgspec.json.Decoder(WebhookPayload)
 
 
 class PayloadError(ValueError):
-    """The body is not a valid webhook payload; `field` names where, when known."""
+    """The body is not a valid webhook payload; `field` names where (a JSON path), when known."""
 
     def __init__(self, message: str, *, field: str | None = None, not_json: bool = False) -> None:
         super().__init__(message)
@@ -111,16 +112,52 @@ class PayloadError(ValueError):
         self.not_json = not_json
 
 
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_AT_PATH = re.compile(r" - at `([^`]+)`$")
+
+
 def decode(body: bytes) -> WebhookPayload:
     """Parse and validate a raw body; PayloadError says whether it was not JSON or wrong."""
     try:
-        return _decoder.decode(body)
+        payload = _decoder.decode(body)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        field = text.rsplit("at `", 1)[1].rstrip("`") if "at `" in text else None
-        raise PayloadError(text, field=field) from None
+        raise PayloadError(str(exc), field=_field_of(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise PayloadError(f"body is not JSON: {exc}", not_json=True) from None
+    except RecursionError:
+        raise PayloadError("the body is nested too deeply") from None
+    # PostgreSQL text and jsonb cannot hold U+0000 (and the whole body may be kept as jsonb)
+    if b"\\u0000" in body and (where := _nul_path(msgspec.json.decode(body), "$")):
+        raise PayloadError("a value contains a NUL character (U+0000)", field=where)
+    return payload
+
+
+def _field_of(message: str) -> str | None:
+    """The JSON path a msgspec validation message points at, a missing field's own included."""
+    at = _AT_PATH.search(message)
+    path = at[1] if at else None
+    missing = _MISSING_FIELD.search(message)
+    if missing:
+        return f"{path or '$'}.{missing[1]}"
+    if path is None and message.startswith("unknown status"):
+        return "$.status"  # raised by WebhookPayload.__post_init__, which has no path
+    return path
+
+
+def _nul_path(value: Any, path: str) -> str | None:
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                return path
+            if found := _nul_path(item, f"{path}.{key}"):
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if found := _nul_path(item, f"{path}[{index}]"):
+                return found
+    return None
 
 
 def decode_stored(payload: Any) -> WebhookPayload:

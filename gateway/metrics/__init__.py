@@ -1,11 +1,14 @@
 """The gateway's Prometheus metrics: one definition each, incremented where things happen.
 
 Label values are bounded sets (kinds, outcomes, route templates), never raw ids or paths.
+With `serve --workers N` every process writes its values under PROMETHEUS_MULTIPROC_DIR and
+one scrape sums them (see `gateway.metrics.multiprocess`); gauges read from the database are
+not defined here but computed by the scraped process (`gateway.metrics.database`).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 WEBHOOKS = Counter(
     "sorami_webhooks_total",
@@ -48,4 +51,13 @@ FIRST_WEBHOOK_DELAY = Histogram(
     "Time from job creation to the first webhook for it.",
     ["kind"],
     buckets=_LONG,
+)
+WORKER_STARTS = Counter(
+    "sorami_worker_starts_total",
+    "Server processes that started serving (one per worker, restarts included).",
+)
+HTTP_IN_FLIGHT = Gauge(
+    "sorami_http_requests_in_flight",
+    "HTTP requests being handled now, summed over the live worker processes.",
+    multiprocess_mode="livesum",
 )

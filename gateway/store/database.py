@@ -25,7 +25,13 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.ConnectionFailureError,
+    # raised when a connection killed mid-protocol is reused ("cannot switch to state ...")
+    asyncpg.InternalClientError,
 )
+
+
+# shutdown, connection loss, and conflicts (deadlock, serialization) a retry resolves
+_RETRYABLE = frozenset({"57P01", "57P02", "57P03", "08006", "08003", "40P01", "40001"})
 
 
 @contextlib.contextmanager
@@ -38,8 +44,9 @@ def translate_errors() -> Iterator[None]:
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
     except asyncpg.PostgresError as exc:
-        if getattr(exc, "sqlstate", "") in ("57P01", "57P02", "57P03", "08006", "08003"):
-            raise StoreUnavailable(f"database unavailable: {exc.sqlstate}") from exc
+        sqlstate = getattr(exc, "sqlstate", "")
+        if sqlstate in _RETRYABLE:
+            raise StoreUnavailable(f"database unavailable: {sqlstate}") from exc
         raise StoreError(str(exc)) from exc
 
 
@@ -52,6 +59,17 @@ async def init_connection(conn: asyncpg.Connection) -> None:
             decoder=_json_decode,
             schema="pg_catalog",
         )
+
+
+async def reset_connection(conn: asyncpg.Connection) -> None:
+    """Before a connection goes back to the pool: end a transaction left open, nothing more.
+
+    Pooled connections keep no session state (listeners and session advisory locks use
+    connections of their own), so asyncpg's default reset (UNLISTEN, RESET ALL, unlock all,
+    CLOSE ALL) would be one more round trip per request for nothing.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 async def connect(dsn: str) -> asyncpg.Connection:
@@ -77,6 +95,7 @@ class Database:
                 min_size=min_size,
                 max_size=max_size,
                 init=init_connection,
+                reset=reset_connection,
                 command_timeout=30,
                 max_inactive_connection_lifetime=300,
             )

@@ -1,0 +1,155 @@
+"""The per-process fan-out of job changes to live subscribers (Server-Sent Events).
+
+One LISTEN connection per process, however many subscribers: a notification
+`<job_id>:<seq>` wakes the subscribers of that job, which then read what changed from
+`job_events` themselves. When the listening connection drops, the hub reconnects and wakes
+every subscriber, so changes committed while nobody was listening are read all the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import structlog
+
+from gateway.store.errors import StoreError
+from gateway.store.events import CONNECTION_ERRORS, Listener
+from gateway.store.jobs import NOTIFY_CHANNEL
+
+log = structlog.get_logger(__name__)
+
+_LISTENER_ERRORS: tuple[type[BaseException], ...] = (StoreError, *CONNECTION_ERRORS)
+
+
+class Subscription:
+    """One subscriber's wake-up call for one job; changes coalesce into one wake."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.closed = False
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._woken.set()
+
+    async def wait(self, seconds: float) -> bool:
+        """True when woken (something may have changed, or the hub closes); False after
+        `seconds` of silence."""
+        try:
+            await asyncio.wait_for(self._woken.wait(), seconds)
+        except TimeoutError:
+            return False
+        self._woken.clear()
+        return True
+
+
+class JobEventHub:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        channel: str = NOTIFY_CHANNEL,
+        reconnect_delay: float = 0.5,
+        max_reconnect_delay: float = 10.0,
+        keepalive_seconds: float = 30.0,
+    ) -> None:
+        self._dsn = dsn
+        self._channel = channel
+        self._reconnect_delay = reconnect_delay
+        self._max_reconnect_delay = max_reconnect_delay
+        self._keepalive = keepalive_seconds
+        self._subscribers: dict[str, set[Subscription]] = {}
+        self._listening = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def listening(self) -> bool:
+        return self._listening.is_set()
+
+    async def wait_listening(self, seconds: float = 10.0) -> None:
+        await asyncio.wait_for(self._listening.wait(), seconds)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="job-events-listener")
+
+    def close_subscribers(self) -> None:
+        """End every live stream (server shutdown): their handlers return promptly."""
+        self._closing = True
+        for subscribers in self._subscribers.values():
+            for subscription in subscribers:
+                subscription.close()
+
+    async def close(self) -> None:
+        self.close_subscribers()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    @contextlib.contextmanager
+    def subscribe(self, job_id: str) -> Iterator[Subscription]:
+        subscription = Subscription(job_id)
+        if self._closing:
+            subscription.close()
+        self._subscribers.setdefault(job_id, set()).add(subscription)
+        try:
+            yield subscription
+        finally:
+            subscribers = self._subscribers.get(job_id)
+            if subscribers is not None:
+                subscribers.discard(subscription)
+                if not subscribers:
+                    del self._subscribers[job_id]
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self._subscribers.values())
+
+    def _on_payload(self, payload: str) -> None:
+        job_id, _, _seq = payload.rpartition(":")
+        for subscription in self._subscribers.get(job_id, ()):
+            subscription.wake()
+
+    def _wake_all(self) -> None:
+        for subscribers in self._subscribers.values():
+            for subscription in subscribers:
+                subscription.wake()
+
+    async def _run(self) -> None:
+        delay = self._reconnect_delay
+        while True:
+            listener: Listener | None = None
+            try:
+                listener = await Listener.open(self._dsn, self._channel, self._on_payload)
+                self._listening.set()
+                log.info("job_events_listening", channel=self._channel)
+                delay = self._reconnect_delay
+                # changes committed while nobody listened: every subscriber reads again
+                self._wake_all()
+                await listener.wait_lost(self._keepalive)
+                log.warning("job_events_listener_lost", channel=self._channel)
+            except _LISTENER_ERRORS as exc:
+                log.warning(
+                    "job_events_listener_failed",
+                    channel=self._channel,
+                    error=type(exc).__name__,
+                    retry_in_seconds=delay,
+                )
+            except Exception:
+                # live events must come back whatever went wrong: log it and reconnect
+                log.exception("job_events_listener_crashed", channel=self._channel)
+            finally:
+                self._listening.clear()
+                if listener is not None:
+                    await listener.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_reconnect_delay)

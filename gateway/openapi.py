@@ -1,0 +1,303 @@
+"""`GET /openapi.json`: an OpenAPI 3.1 document of every route the app serves.
+
+Each route is described by an `Operation` next to the code that registers it (the client API
+keeps one table that both registers its routes and describes them); bodies, answers and query
+parameters are the very msgspec types the handlers decode and encode with, turned into JSON
+Schema by `msgspec.json.schema_components`. The document is built from the app's router, so a
+route that is not served is not documented, and `undocumented_routes(app)` names any served
+route without an Operation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from aiohttp import web
+
+from gateway import __version__, keys
+from gateway.jobs.payload import WebhookPayload
+
+OPENAPI_VERSION: Final = "3.1.0"
+REF_TEMPLATE: Final = "#/components/schemas/{name}"
+PROBLEM_JSON: Final = "application/problem+json"
+
+
+class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An RFC 9457 problem document: every error answer of the gateway."""
+
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    field: Annotated[str | None, msgspec.Meta(description="the invalid field, on 422/413")] = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    description: str
+    schema: Any = None
+    content_type: str = "application/json"
+    headers: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Header:
+    name: str
+    description: str
+    required: bool = False
+    schema: Any = str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Operation:
+    """One route: what it takes and what it answers."""
+
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    tag: str
+    replies: tuple[Reply, ...]
+    description: str = ""
+    body: Any = None
+    body_required: bool = True
+    query: Any = None
+    headers: tuple[Header, ...] = ()
+    bearer: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.method.upper(), self.path)
+
+
+def problem(status: int, description: str, *headers: str) -> Reply:
+    return Reply(status, description, Problem, PROBLEM_JSON, headers)
+
+
+UNAUTHORIZED = problem(401, "Missing or invalid bearer token (one body for every cause).",
+                       "WWW-Authenticate")
+NOT_FOUND = problem(404, "No such resource, or not the caller's (the same answer).")
+UNAVAILABLE = problem(503, "The database or the identity provider is unavailable.",
+                      "Retry-After")
+
+_HEADER_DOCS: Final = {
+    "WWW-Authenticate": "`Bearer`",
+    "Retry-After": "seconds to wait before retrying",
+    "Idempotent-Replayed": "`true` when an earlier request with this Idempotency-Key made the job",
+}
+
+
+def register(app: web.Application, operations: Iterable[Operation]) -> None:
+    """Record the descriptions of routes a setup_x adds (before the app starts)."""
+    table = app.setdefault(keys.OPERATIONS, {})
+    for operation in operations:
+        table[operation.key] = operation
+
+
+def served_routes(app: web.Application) -> list[tuple[str, str]]:
+    """(method, path template) of every route served, HEAD counted with its GET."""
+    found = []
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource is not None else ""
+        if route.method == "HEAD":
+            continue
+        found.append((route.method.upper(), path))
+    return found
+
+
+def undocumented_routes(app: web.Application) -> list[tuple[str, str]]:
+    table = app.get(keys.OPERATIONS, {})
+    return [key for key in served_routes(app) if key not in table]
+
+
+def build_document(app: web.Application) -> dict[str, Any]:
+    table = app.get(keys.OPERATIONS, {})
+    operations = [table[key] for key in served_routes(app) if key in table]
+    types = _schema_types(operations)
+    schemas, components = msgspec.json.schema_components(types, ref_template=REF_TEMPLATE)
+    ref = dict(zip(types, schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for operation in operations:
+        paths.setdefault(operation.path, {})[operation.method.lower()] = _operation(
+            operation, ref
+        )
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "sorami-gateway",
+            "version": __version__,
+            "description": (
+                "Jobs for the Sorami image and video generator: the client API (bearer JWT), "
+                "the generator backend's signed webhooks, and operations routes."
+            ),
+        },
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+        },
+    }
+
+
+def _schema_types(operations: list[Operation]) -> list[Any]:
+    seen: dict[Any, None] = {}
+    for operation in operations:
+        if operation.body is not None:
+            seen[operation.body] = None
+        for reply in operation.replies:
+            if reply.schema is not None:
+                seen[reply.schema] = None
+        if operation.query is not None:
+            for field in msgspec.structs.fields(operation.query):
+                seen[field.type] = None
+        for header in operation.headers:
+            seen[header.schema] = None
+    return list(seen)
+
+
+def _operation(operation: Operation, ref: dict[Any, Any]) -> dict[str, Any]:
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in _path_parameters(operation.path)
+    ]
+    if operation.query is not None:
+        for field in msgspec.structs.fields(operation.query):
+            parameters.append({
+                "name": field.encode_name,
+                "in": "query",
+                "required": field.required,
+                "schema": ref[field.type] | _default(field),
+            })
+    for header in operation.headers:
+        parameters.append({
+            "name": header.name,
+            "in": "header",
+            "required": header.required,
+            "description": header.description,
+            "schema": ref[header.schema],
+        })
+    spec: dict[str, Any] = {
+        "operationId": operation.operation_id,
+        "summary": operation.summary,
+        "tags": [operation.tag],
+        "responses": {str(r.status): _reply(r, ref) for r in operation.replies},
+    }
+    if operation.description:
+        spec["description"] = operation.description
+    if parameters:
+        spec["parameters"] = parameters
+    if operation.body is not None:
+        spec["requestBody"] = {
+            "required": operation.body_required,
+            "content": {"application/json": {"schema": ref[operation.body]}},
+        }
+    spec["security"] = [{"bearer": []}] if operation.bearer else []
+    return spec
+
+
+def _reply(reply: Reply, ref: dict[Any, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"description": reply.description}
+    if reply.schema is not None:
+        spec["content"] = {reply.content_type: {"schema": ref[reply.schema]}}
+    elif reply.content_type != "application/json":
+        spec["content"] = {reply.content_type: {"schema": {"type": "string"}}}
+    if reply.headers:
+        spec["headers"] = {
+            name: {"description": _HEADER_DOCS.get(name, name), "schema": {"type": "string"}}
+            for name in reply.headers
+        }
+    return spec
+
+
+def _default(field: msgspec.structs.FieldInfo) -> dict[str, Any]:
+    if field.default is msgspec.NODEFAULT:
+        return {}
+    return {"default": msgspec.to_builtins(field.default)}
+
+
+def _path_parameters(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]
+
+
+# --- the routes other modules serve without a table of their own -------------------------
+
+
+class Health(msgspec.Struct):
+    status: Literal["ok"]
+
+
+class Readiness(msgspec.Struct, omit_defaults=True):
+    status: Literal["ready", "unavailable"]
+    database: str | None = None
+
+
+class WebhookOutcome(msgspec.Struct):
+    outcome: Literal["applied", "duplicate", "stale", "orphaned"]
+
+
+_SIGNATURE_HEADERS = (
+    Header("webhook-id", "Standard Webhooks: the delivery's id"),
+    Header("webhook-timestamp", "Standard Webhooks: Unix seconds when signed"),
+    Header("webhook-signature", "Standard Webhooks: `v1,<base64 HMAC-SHA256>` (several allowed)"),
+    Header("X-Webhook-Secret", "the legacy shared secret, only when LEGACY_WEBHOOK_SECRET is set"),
+)
+
+
+def _webhook(kind: str) -> Operation:
+    return Operation(
+        "POST",
+        f"/api/webhooks/{kind}-completion",
+        f"{kind}Webhook",
+        f"The generator backend reports progress or the result of a {kind} job",
+        "webhooks",
+        body=WebhookPayload,
+        headers=_SIGNATURE_HEADERS,
+        description=(
+            "Signed per Standard Webhooks (secrets `whsec_...`, several active for rotation). "
+            "The signature is verified on the raw body before it is parsed."
+        ),
+        replies=(
+            Reply(200, "Applied, a duplicate delivery, or older than the job's state",
+                  WebhookOutcome),
+            Reply(202, "No job with that id yet: kept as an orphan for the reconciler",
+                  WebhookOutcome),
+            problem(400, "The body is not JSON"),
+            problem(401, "Bad, missing or expired signature (one body for every cause)"),
+            problem(413, "The body is larger than WEBHOOK_MAX_BODY_BYTES"),
+            problem(422, "The body is not a valid payload; `field` names where"),
+            problem(503, "The database is unavailable: nothing was acknowledged", "Retry-After"),
+        ),
+    )
+
+
+OPERATIONS_ROUTES: Final = (
+    Operation("GET", "/healthz", "healthz", "The process is alive", "operations",
+              replies=(Reply(200, "Alive", Health),)),
+    Operation("GET", "/readyz", "readyz",
+              "The database answers and every migration is applied", "operations",
+              replies=(Reply(200, "Ready", Readiness),
+                       Reply(503, "Not ready", Readiness, headers=("Retry-After",)))),
+    Operation("GET", "/metrics", "metrics", "Prometheus metrics", "operations",
+              replies=(Reply(200, "The text exposition format",
+                             content_type="text/plain; version=0.0.4"),)),
+    Operation("GET", "/openapi.json", "openapi", "This document", "operations",
+              replies=(Reply(200, "An OpenAPI 3.1 document"),)),
+    _webhook("image"),
+    _webhook("video"),
+)
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(build_document(request.app))
+
+
+def setup_openapi(app: web.Application) -> None:
+    """Serve the document; describe the operations routes served by modules without a table."""
+    register(app, OPERATIONS_ROUTES)
+    app.router.add_get("/openapi.json", openapi_json)

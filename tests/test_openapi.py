@@ -1,0 +1,126 @@
+"""`GET /openapi.json`: a valid OpenAPI 3.1 document of exactly the routes served."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from openapi_spec_validator import validate
+
+from gateway.api import routes
+from gateway.api.schemas import ImageRequest, VideoRequest
+from gateway.app import create_app
+from gateway.jobs.payload import WebhookPayload
+from gateway.openapi import served_routes, undocumented_routes
+from gateway.settings import Settings
+
+
+async def document(client: Any) -> dict[str, Any]:
+    resp = await client.get("/openapi.json")
+    assert resp.status == 200
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+async def test_document_is_valid_openapi_3_1(client: Any) -> None:
+    doc = await document(client)
+    assert doc["openapi"].startswith("3.1")
+    validate(doc)
+
+
+async def test_every_served_route_is_documented_and_nothing_else(
+    client: Any, app: web.Application
+) -> None:
+    doc = await document(client)
+    assert undocumented_routes(app) == []
+    documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+    assert documented == set(served_routes(app))
+    for path in ("/api/images/generate", "/api/videos/{id}/cancel", "/api/jobs/{id}/events",
+                 "/api/notifications/{id}/read", "/healthz", "/readyz", "/openapi.json"):
+        assert path in doc["paths"]
+
+
+async def test_route_table_is_what_the_router_serves(app: web.Application) -> None:
+    table = {(r.operation.method, r.operation.path) for r in routes()}
+    assert table <= set(served_routes(app))
+    assert len(table) == len(routes())
+
+
+async def test_a_served_route_without_a_description_is_reported(
+    make_settings: Callable[..., Settings],
+) -> None:
+    app = create_app(make_settings())
+
+    async def extra(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app.router.add_get("/api/undocumented", extra)
+    assert undocumented_routes(app) == [("GET", "/api/undocumented")]
+
+
+async def test_bodies_are_the_schemas_the_handlers_decode_with(client: Any) -> None:
+    doc = await document(client)
+    schemas = doc["components"]["schemas"]
+    for path, model in (("/api/images/generate", ImageRequest),
+                        ("/api/videos/generate", VideoRequest)):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"] == {"$ref": f"#/components/schemas/{model.__name__}"}
+        _, expected = msgspec.json.schema_components([model],
+                                                     ref_template="#/components/schemas/{name}")
+        assert schemas[model.__name__] == expected[model.__name__]
+    image = schemas["ImageRequest"]["properties"]
+    assert image["num_images"] == {"type": "integer", "minimum": 1, "maximum": 4, "default": 1}
+    assert image["format"]["enum"] == ["JPEG", "PNG", "WEBP"]
+    assert schemas["ImageRequest"]["required"] == ["prompt"]
+    video = schemas["VideoRequest"]["properties"]
+    assert video["duration_seconds"]["default"] == 8
+    assert video["duration_seconds"]["minimum"] == 5
+
+
+async def test_client_routes_require_the_bearer_token(client: Any) -> None:
+    doc = await document(client)
+    for path, operations in doc["paths"].items():
+        for operation in operations.values():
+            if path.startswith("/api/") and not path.startswith("/api/webhooks/"):
+                assert operation["security"] == [{"bearer": []}], path
+                assert "401" in operation["responses"], path
+            else:
+                assert operation["security"] == [], path
+
+
+async def test_query_parameters_come_from_the_query_schemas(client: Any) -> None:
+    doc = await document(client)
+    params = {p["name"]: p for p in doc["paths"]["/api/images/user"]["get"]["parameters"]}
+    assert params["limit"]["schema"]["maximum"] == 100
+    assert params["limit"]["schema"]["default"] == 20
+    assert params["cursor"]["in"] == "query"
+    unread = {p["name"]: p for p in doc["paths"]["/api/notifications"]["get"]["parameters"]}
+    assert unread["unread"]["schema"]["type"] == "boolean"
+
+
+async def test_webhook_routes_are_documented_with_the_payload_schema_once_served(
+    make_settings: Callable[..., Settings], aiohttp_client: Callable[..., Any]
+) -> None:
+    app = create_app(make_settings())
+
+    async def receiver(request: web.Request) -> web.Response:
+        return web.json_response({"outcome": "applied"})
+
+    for kind in ("image", "video"):
+        app.router.add_post(f"/api/webhooks/{kind}-completion", receiver)
+    app.router.add_get("/metrics", receiver)
+    client = await aiohttp_client(app)
+    doc = await document(client)
+    validate(doc)
+    assert undocumented_routes(app) == []
+    hook = doc["paths"]["/api/webhooks/video-completion"]["post"]
+    assert hook["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/WebhookPayload"}
+    _, expected = msgspec.json.schema_components([WebhookPayload],
+                                                 ref_template="#/components/schemas/{name}")
+    assert doc["components"]["schemas"]["WebhookPayload"] == expected["WebhookPayload"]
+    assert {"200", "202", "401", "503"} <= set(hook["responses"])
+    assert "text/plain; version=0.0.4" in doc["paths"]["/metrics"]["get"]["responses"]["200"][
+        "content"]
