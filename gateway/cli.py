@@ -176,6 +176,8 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
 
     if not settings.embedded_allowed:
         raise SettingsError("SORAMI_EMBEDDED", "the demo needs the embedded PostgreSQL")
+    # the demo's own tables tell the story (orphans and retries are part of it)
+    configure_logging("error")
     return demo.run(settings.data_dir, jobs=args.jobs, fast=args.fast)
 
 

@@ -265,13 +265,19 @@ class Demo:
             t.job_id, t.status = answer["job_id"], answer["status"]
 
     async def _watch(self, http: aiohttp.ClientSession, simulator: SimulatedBackend) -> None:
-        """Show live progress until the backend has sent everything and direct jobs ended."""
+        """Show progress until the backend has sent everything and direct jobs ended."""
         deadline = time.monotonic() + (30 if self.fast else 45)
-        with Live(self._table(), console=self.console, refresh_per_second=8,
-                  transient=not self.console.is_terminal) as live:
+        live = Live(self._table(), console=self.console, refresh_per_second=8, transient=True)
+        last_line = ""
+        with live if self.console.is_terminal else contextlib.nullcontext():
             while time.monotonic() < deadline:
                 await self._refresh(http)
-                live.update(self._table())
+                if self.console.is_terminal:
+                    live.update(self._table())
+                elif (line := self._progress_line()) != last_line:
+                    # no terminal (CI, a pipe): one line whenever something changed
+                    self.console.print(line)
+                    last_line = line
                 settled = all(
                     t.status in TERMINAL
                     for t in self.tracked
@@ -279,9 +285,16 @@ class Demo:
                 )
                 if settled and not simulator.busy:
                     break
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2 if self.console.is_terminal else 0.5)
             await simulator.idle()
-            live.update(self._table())
+
+    def _progress_line(self) -> str:
+        counts: dict[str, int] = {}
+        for t in self.tracked:
+            if t.job_id:
+                counts[t.status] = counts.get(t.status, 0) + 1
+        parts = ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
+        return f"progress: {parts}"
 
     async def _refresh(self, http: aiohttp.ClientSession) -> None:
         async def one(t: Tracked) -> None:
