@@ -215,14 +215,17 @@ class _Pass:
         async def batch(conn: asyncpg.Connection, job_ids: list[str]) -> None:
             nonlocal done
             try:
-                done += await self._time_out_batch(conn, job_ids, cutoff, message)
+                # the await first: `done += await ...` would read `done` before suspending
+                timed_out = await self._time_out_batch(conn, job_ids, cutoff, message)
+                done += timed_out
             except StoreUnavailable:
                 raise
             except Exception:
                 # one job spoils the batch: time the others out one by one
                 for job_id in job_ids:
                     try:
-                        done += await self._time_out_batch(conn, [job_id], cutoff, message)
+                        timed_out = await self._time_out_batch(conn, [job_id], cutoff, message)
+                        done += timed_out
                     except StoreUnavailable:
                         raise
                     except Exception as exc:

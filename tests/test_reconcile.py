@@ -851,6 +851,22 @@ async def test_active_jobs_unchanged_past_their_kinds_timeout_time_out_with_a_no
     assert [s["source"] for s in sources] == ["timeout"]
 
 
+async def test_every_job_timed_out_in_concurrent_batches_is_counted(
+    db: Database, database_url: str
+) -> None:
+    await db.execute(
+        "INSERT INTO jobs (id, kind, user_id, prompt, prompt_norm, updated_at)"
+        " SELECT 'stale-' || g, 'image', 'user_a', 'p', 'p', now() - interval '1 hour'"
+        " FROM generate_series(1, 450) AS g"
+    )
+
+    result = await reconcile(database_url, concurrency=4)
+
+    assert result.counts["timed_out"] == {"image": 450, "video": 0}
+    assert await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'TIMED_OUT'") == 450
+    assert await db.fetchval("SELECT count(*) FROM notifications") == 450
+
+
 async def test_job_timeouts_come_from_the_settings(db: Database, database_url: str) -> None:
     job_id = await insert_job(db)
     await db.execute("UPDATE jobs SET updated_at = now() - interval '5 minutes'")

@@ -710,15 +710,17 @@ async def time_out(
 # ---------------------------------------------------------------------------------------
 # retention
 
+# One batch: the oldest rows' physical addresses from the index, then a TID scan; a row
+# updated meanwhile has moved and is left alone (its new version no longer matches).
 PRUNE_DELIVERIES = """
 DELETE FROM webhook_deliveries
-WHERE dedupe_key IN (SELECT dedupe_key FROM webhook_deliveries
-                     WHERE received_at < $1 LIMIT $2)
+WHERE ctid = ANY(ARRAY(SELECT ctid FROM webhook_deliveries
+                       WHERE received_at < $1 LIMIT $2))
 """
 
 PRUNE_OUTBOX = """
 DELETE FROM outbox
-WHERE id IN (SELECT id FROM outbox WHERE delivered_at < $1 LIMIT $2)
+WHERE ctid = ANY(ARRAY(SELECT ctid FROM outbox WHERE delivered_at < $1 LIMIT $2))
 """
 
 COUNT_PRUNABLE = """
