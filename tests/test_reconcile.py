@@ -167,7 +167,7 @@ async def snapshot(db: Database) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
-# rule 5: an orphan that names its user
+# an orphan that names its user
 
 
 async def test_an_orphan_naming_its_user_completes_that_users_job(
@@ -280,7 +280,7 @@ async def test_a_job_too_old_for_every_orphan_does_not_shift_the_pairing(
 
 
 # ---------------------------------------------------------------------------------------
-# rule 6: an orphan that names no user
+# an orphan that names no user
 
 
 async def test_an_orphan_without_user_whose_prompt_two_users_sent_is_left_for_review(
@@ -357,7 +357,7 @@ async def test_an_orphan_without_user_and_without_candidate_has_no_candidate(
 
 
 # ---------------------------------------------------------------------------------------
-# rules 3 and 7: what is a candidate
+# what is a candidate, and what never is
 
 
 async def test_an_orphan_never_reaches_another_users_job(db: Database, database_url: str) -> None:
@@ -470,7 +470,7 @@ async def test_candidates_are_created_within_the_window_before_the_orphan(
 
 
 # ---------------------------------------------------------------------------------------
-# rules 2 and 4: the evidence and prompt normalisation
+# the evidence and prompt normalisation
 
 
 @pytest.mark.parametrize(
@@ -542,7 +542,7 @@ async def test_an_orphan_without_a_prompt_is_left_for_review(
 
 
 # ---------------------------------------------------------------------------------------
-# aliases, rule 1 (grace) and expiry
+# aliases, the grace period and expiry
 
 
 async def test_an_orphan_whose_events_arrived_before_the_alias_is_applied_once_it_is_known(

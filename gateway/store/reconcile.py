@@ -147,7 +147,7 @@ JOIN job_aliases a ON a.kind = o.kind AND a.backend_job_id = o.backend_job_id
 WHERE o.state IN ('unresolved', 'unmatched')
 """
 
-# Rule 1: younger than the grace period, an alias may still arrive.
+# Grace: younger than the grace period, an alias may still arrive.
 PLAN_WAITING = f"""
 INSERT INTO {_PLAN_ROW}
 SELECT $1, o.kind, o.backend_job_id, NULL, 'grace', 'waiting', o.first_seen_at,
@@ -161,7 +161,7 @@ WHERE o.state = 'unresolved'
   AND {_NOT_PLANNED}
 """
 
-# Rule 2: without a prompt (no original_prompt, no file description) there is no evidence.
+# Without a prompt (no original_prompt, no file description) there is no evidence.
 PLAN_NO_PROMPT = f"""
 INSERT INTO {_PLAN_ROW}
 SELECT $1, o.kind, o.backend_job_id, NULL, 'no_prompt', 'no_candidate', o.first_seen_at,
@@ -171,11 +171,11 @@ FROM orphans o
 WHERE o.state = 'unresolved' AND o.prompt_norm IS NULL AND {_NOT_PLANNED}
 """
 
-# Rules 3-5 and 7 for orphans that name a user: only that user's candidates; several
-# orphans and candidates of one (kind, user, prompt) pair one to one in time order. Only
-# orphans with a candidate in their own window take a rank, and only candidates in some
-# orphan's window, so a job too old for every orphan does not shift the pairing; a pair
-# that still falls outside the orphan's window is left for review.
+# Orphans that name a user: only that user's candidates; several orphans and candidates of
+# one (kind, user, prompt) pair one to one in time order. Only orphans with a candidate in
+# their own window take a rank, and only candidates in some orphan's window, so a job too
+# old for every orphan does not shift the pairing; a pair that still falls outside the
+# orphan's window is left for review.
 PLAN_USER_PROMPT = f"""
 WITH ready AS (
     SELECT o.kind, o.backend_job_id, o.user_id, o.prompt_norm, o.first_seen_at,
@@ -243,9 +243,9 @@ FROM counted o
 LEFT JOIN pairs p ON p.kind = o.kind AND p.backend_job_id = o.backend_job_id
 """
 
-# Rule 6 for orphans without a user: only when exactly one candidate across all users has
-# the prompt and exactly one unresolved orphan carries it. Candidates are counted up to 5
-# (more changes nothing: it is ambiguous either way).
+# Orphans without a user: only when exactly one candidate across all users has the prompt
+# and exactly one unresolved orphan carries it. Candidates are counted up to 5 (more
+# changes nothing: it is ambiguous either way).
 PLAN_PROMPT_ONLY = f"""
 WITH ready AS (
     SELECT o.kind, o.backend_job_id, o.user_id, o.prompt_norm, o.first_seen_at,
