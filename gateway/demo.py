@@ -513,7 +513,9 @@ class Invariants:
 
 def run(data_dir: Path, jobs: int, fast: bool) -> int:
     """Run the demo on the embedded PostgreSQL of `data_dir`; 0 when every invariant held."""
-    console = Console()
+    plain = Console()
+    # without a terminal (CI, a pipe) rich would wrap at 80 columns
+    console = plain if plain.is_terminal else Console(width=120)
     with embedded_postgres(data_dir) as admin_dsn:
         dsn = asyncio.run(fresh_database(admin_dsn))
         return asyncio.run(Demo(console, jobs, fast).run(dsn))
