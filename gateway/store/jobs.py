@@ -108,7 +108,9 @@ FOR UPDATE OF j
 # one NOTIFY per job (listeners re-read job_events after the seq they have). The event rows
 # read the jobs' messages before the UPDATE (one statement, one snapshot) to fill a message
 # the event itself does not carry, exactly as one UPDATE per event would. The seq guard
-# makes a job changed since it was locked fail loudly instead of writing over it.
+# makes a job changed since it was locked fail loudly instead of writing over it. Rows are
+# found through their index (`= ANY`, scalar subqueries): a join with the unnest would
+# read whole tables once per batch.
 APPLY_MANY = """
 WITH changes AS (
     SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::job_status[], $5::smallint[],
@@ -118,10 +120,10 @@ WITH changes AS (
              generation_time_seconds, from_webhook, finished)
 ), events AS (
     INSERT INTO job_events (job_id, seq, status, progress, message, source)
-    SELECT e.job_id, e.seq, e.status, e.progress, COALESCE(e.message, j.message), e.source
+    SELECT e.job_id, e.seq, e.status, e.progress,
+           COALESCE(e.message, (SELECT j.message FROM jobs j WHERE j.id = e.job_id)), e.source
     FROM unnest($12::text[], $13::int[], $14::job_status[], $15::smallint[], $16::text[],
                 $17::text[]) AS e(job_id, seq, status, progress, message, source)
-    JOIN jobs j ON j.id = e.job_id
 ), updated AS (
     UPDATE jobs j SET
         status = c.status,
@@ -137,7 +139,7 @@ WITH changes AS (
         seq = c.seq,
         updated_at = now()
     FROM changes c
-    WHERE j.id = c.id AND j.seq = c.seq_before
+    WHERE j.id = ANY($1::text[]) AND j.id = c.id AND j.seq = c.seq_before
     RETURNING j.id, j.seq
 )
 SELECT id, pg_notify('sorami_job_events', id || ':' || seq) FROM updated

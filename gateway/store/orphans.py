@@ -57,7 +57,7 @@ ORDER BY k.key
 
 # Any conflict (the backend id taken, or the job already aliased) skips that pair and
 # nothing else; `owner` then says who has the backend id (NULL: the job has another alias).
-# The join reads the aliases from before the statement, the RETURNING rows those it added.
+# The subquery reads the aliases from before the statement, RETURNING those it added.
 INSERT_ALIASES = """
 WITH pairs AS (
     SELECT * FROM unnest($1::job_kind[], $2::text[], $3::text[]) WITH ORDINALITY
@@ -68,35 +68,42 @@ WITH pairs AS (
     ON CONFLICT DO NOTHING
     RETURNING kind, backend_job_id, job_id
 )
-SELECT p.i, COALESCE(a.job_id, n.job_id) AS owner
+SELECT p.i, COALESCE((SELECT a.job_id FROM job_aliases a
+                      WHERE a.kind = p.kind AND a.backend_job_id = p.backend_job_id),
+                     n.job_id) AS owner
 FROM pairs p
-LEFT JOIN job_aliases a ON a.kind = p.kind AND a.backend_job_id = p.backend_job_id
 LEFT JOIN inserted n ON n.kind = p.kind AND n.backend_job_id = p.backend_job_id
 ORDER BY p.i
 """
 
+# Read through the index by `= ANY` (a join with the unnest would read the whole table;
+# $3 holds each kind once, or the planner overestimates the matches), then narrowed to
+# the exact pairs.
 PENDING_EVENTS = """
 SELECT e.id, e.kind, e.backend_job_id, e.dedupe_key, e.payload
-FROM unnest($1::job_kind[], $2::text[]) AS b(kind, backend_job_id)
-JOIN orphan_events e ON e.kind = b.kind AND e.backend_job_id = b.backend_job_id
-WHERE e.applied_at IS NULL
+FROM orphan_events e
+WHERE e.kind = ANY($3::job_kind[]) AND e.backend_job_id = ANY($2::text[])
+  AND (e.kind, e.backend_job_id) IN (SELECT * FROM unnest($1::job_kind[], $2::text[]))
+  AND e.applied_at IS NULL
 ORDER BY e.kind, e.backend_job_id, e.received_at, e.id
 FOR UPDATE OF e
 """
 
 # The replayed events marked applied, their dedupe records linked to the job, the orphans
-# resolved: data-modifying CTEs all run, once.
+# resolved: data-modifying CTEs all run, once. `= ANY` makes each find its rows by index
+# ($8: each kind once).
 SETTLE_REPLAYED = """
 WITH marked AS (
     UPDATE orphan_events SET applied_at = now() WHERE id = ANY($1::bigint[])
 ), linked AS (
     UPDATE webhook_deliveries d SET job_id = l.job_id
     FROM unnest($2::text[], $3::text[]) AS l(dedupe_key, job_id)
-    WHERE d.dedupe_key = l.dedupe_key
+    WHERE d.dedupe_key = ANY($2::text[]) AND d.dedupe_key = l.dedupe_key
 )
 UPDATE orphans o SET state = $7, job_id = r.job_id, resolved_at = now()
 FROM unnest($4::job_kind[], $5::text[], $6::text[]) AS r(kind, backend_job_id, job_id)
-WHERE o.kind = r.kind AND o.backend_job_id = r.backend_job_id
+WHERE o.kind = ANY($8::job_kind[]) AND o.backend_job_id = ANY($5::text[])
+  AND o.kind = r.kind AND o.backend_job_id = r.backend_job_id
 """
 
 _STATE_FOR_SOURCE = {"delivery": "matched", "reconciler": "matched", "operator": "assigned"}
@@ -252,7 +259,8 @@ async def _replay(
     """Replay the pending events of the accepted pairs through `jobs.apply_many`."""
     keys = list(replaying)
     events = await conn.fetch(
-        PENDING_EVENTS, [k.value for k, _ in keys], [b for _, b in keys]
+        PENDING_EVENTS, [k.value for k, _ in keys], [b for _, b in keys],
+        sorted({k.value for k, _ in keys}),
     )
     updates: dict[int, list[JobUpdate]] = {}
     event_ids: list[int] = []
@@ -287,4 +295,5 @@ async def _replay(
             [p.backend_job_id for p in resolved],
             [p.job.id for p in resolved],
             _STATE_FOR_SOURCE[source],
+            sorted({p.kind.value for p in resolved}),
         )

@@ -362,7 +362,9 @@ LIMIT $3
 # Read after both locks (the jobs' rows, then the backend ids' advisory locks) are held;
 # one row per planned match, in order (NULL state: the orphan is gone).
 MATCH_STATES = """
-SELECT m.i, o.state,
+SELECT m.i,
+       (SELECT o.state FROM orphans o
+        WHERE o.kind = m.kind AND o.backend_job_id = m.backend_job_id) AS state,
        (SELECT a.job_id FROM job_aliases a
         WHERE a.kind = m.kind AND a.backend_job_id = m.backend_job_id) AS alias_job_id,
        EXISTS (SELECT 1 FROM job_aliases a
@@ -373,12 +375,13 @@ SELECT m.i, o.state,
            AS job_had_webhook
 FROM unnest($1::job_kind[], $2::text[], $3::text[]) WITH ORDINALITY
     AS m(kind, backend_job_id, job_id, i)
-LEFT JOIN orphans o ON o.kind = m.kind AND o.backend_job_id = m.backend_job_id
 ORDER BY m.i
 """
 
 # The decision rows and the plan's note that they are written, in the caller's
-# transaction; the evidence added to the plan's comes as JSON text (see jobs.INSERT_NOTIFICATIONS).
+# transaction; the evidence added to the plan's comes as JSON text (see
+# jobs.INSERT_NOTIFICATIONS). The plan's rows are found by their ids alone (unique across
+# runs): with run_id too the planner scans the whole run's rows.
 DECIDE_PLANNED = """
 WITH d AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
@@ -386,14 +389,15 @@ WITH d AS (
 ), decision AS (
     INSERT INTO reconcile_decisions (run_id, kind, backend_job_id, job_id, rule, outcome,
                                      evidence)
-    SELECT p.run_id, p.kind, p.backend_job_id, d.job_id, d.rule, d.outcome,
+    SELECT $1, p.kind, p.backend_job_id, d.job_id, d.rule, d.outcome,
            p.evidence || d.evidence::jsonb
-    FROM d JOIN reconcile_plan p ON p.run_id = $1 AND p.id = d.plan_id
+    FROM d JOIN reconcile_plan p ON p.id = d.plan_id
+    WHERE p.id = ANY($2::bigint[])
     ORDER BY d.i
 )
 UPDATE reconcile_plan p SET decided = true, outcome = d.outcome, job_id = d.job_id
 FROM d
-WHERE p.run_id = $1 AND p.id = d.plan_id
+WHERE p.id = ANY($2::bigint[]) AND p.id = d.plan_id
 """
 
 
