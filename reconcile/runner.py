@@ -2,9 +2,10 @@
 
 A pass holds a PostgreSQL advisory lock for its whole length, so a second pass started at
 the same time returns at once and does nothing. It decides for every open orphan in one
-snapshot (set-based SQL into `reconcile_plan`), applies each match in its own transaction,
-records every decision, then times out jobs that stopped hearing from the backend and
-prunes old dedupe records and delivered outbox rows. A dry run decides and counts the same
+snapshot (set-based SQL into `reconcile_plan`), applies the matches in batches (one
+transaction each, so each orphan is fully applied or untouched), records every decision,
+then times out jobs that stopped hearing from the backend and prunes old dedupe records
+and delivered outbox rows. A dry run decides and counts the same
 way and changes nothing but its own entry in `reconcile_runs`.
 """
 
@@ -50,8 +51,10 @@ class RunOptions:
     image_timeout_seconds: float = 15 * 60.0
     video_timeout_seconds: float = 60 * 60.0
     retention_seconds: float = 7 * 86400.0
-    # transactions applied side by side: each touches one orphan and one job of its own
+    # transactions applied side by side: each touches a batch of orphans and jobs of its own
     concurrency: int = 4
+    # orphans (or stale jobs) applied per transaction: a constant number of statements each
+    batch_size: int = 500
     review_limit: int = 100
 
     @classmethod
@@ -170,7 +173,23 @@ class _Pass:
     async def _apply_matches(self, run_id: int) -> int:
         failed = 0
 
-        async def apply(conn: asyncpg.Connection, m: store.PlannedMatch) -> None:
+        def report(m: store.PlannedMatch, result: store.MatchResult) -> None:
+            nonlocal failed
+            if result.matched:
+                log.debug("reconcile_matched", run_id=run_id, kind=m.kind.value,
+                          backend_job_id=m.backend_job_id, job_id=m.job_id, rule=m.rule,
+                          replayed=result.replayed, job_status=result.job_status)
+            elif result.failed:
+                failed += 1
+                self._error(f"{m.kind.value} orphan {m.backend_job_id}: {result.reason}")
+                log.error("reconcile_apply_failed", run_id=run_id, kind=m.kind.value,
+                          backend_job_id=m.backend_job_id, job_id=m.job_id,
+                          reason=result.reason)
+            else:
+                log.info("reconcile_match_withdrawn", run_id=run_id, kind=m.kind.value,
+                         backend_job_id=m.backend_job_id, job_id=m.job_id, reason=result.reason)
+
+        async def apply_one(conn: asyncpg.Connection, m: store.PlannedMatch) -> None:
             nonlocal failed
             try:
                 with translate_errors():
@@ -186,15 +205,26 @@ class _Pass:
                 async with conn.transaction():
                     await store.record_failure(conn, run_id, m.plan_id, repr(exc))
                 return
-            if result.matched:
-                log.debug("reconcile_matched", run_id=run_id, kind=m.kind.value,
-                          backend_job_id=m.backend_job_id, job_id=m.job_id, rule=m.rule,
-                          replayed=result.replayed, job_status=result.job_status)
-            else:
-                log.info("reconcile_match_withdrawn", run_id=run_id, kind=m.kind.value,
-                         backend_job_id=m.backend_job_id, job_id=m.job_id, reason=result.reason)
+            report(m, result)
 
-        await self._each(store.planned_matches(self.conn, run_id), apply)
+        async def apply(conn: asyncpg.Connection, batch: list[store.PlannedMatch]) -> None:
+            try:
+                with translate_errors():
+                    async with conn.transaction():
+                        results = await store.apply_matches(conn, run_id, batch)
+            except StoreUnavailable:
+                raise
+            except Exception:
+                # one orphan spoils the batch (nothing of it was written): one by one
+                log.warning("reconcile_batch_failed", run_id=run_id, matches=len(batch))
+                for m in batch:
+                    await apply_one(conn, m)
+                return
+            for m, result in zip(batch, results, strict=True):
+                report(m, result)
+
+        matches = store.planned_matches(self.conn, run_id, batch=self.options.batch_size)
+        await self._each(_batched(matches, self.options.batch_size), apply)
         return failed
 
     async def _time_out(self, run_at: dt.datetime) -> dict[str, int]:
@@ -232,7 +262,8 @@ class _Pass:
                         self._error(f"timing out job {job_id}: {exc!r}")
                         log.exception("reconcile_timeout_failed", job_id=job_id)
 
-        await self._each(store.stale_jobs(self.conn, kind, cutoff), batch)
+        await self._each(store.stale_jobs(self.conn, kind, cutoff, batch=self.options.batch_size),
+                         batch)
         return done
 
     @staticmethod
@@ -297,6 +328,18 @@ class _Pass:
             await store.clear_plan(self.conn, run_id)
         except Exception:
             log.warning("reconcile_plan_not_cleared", run_id=run_id)  # the next run clears it
+
+
+async def _batched(items: AsyncIterator[T], size: int) -> AsyncIterator[list[T]]:
+    """Lists of up to `size` items, read lazily."""
+    batch: list[T] = []
+    async for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 @contextlib.contextmanager

@@ -14,6 +14,11 @@ from gateway.store.errors import Duplicate, StoreError, StoreUnavailable
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
 
+
+def json_text(value: Any) -> str:
+    """A value as the JSON text the jsonb codec sends (for jsonb passed inside arrays)."""
+    return _json_encode(value).decode()
+
 # Errors that mean "the database is not there right now", as opposed to a bad query.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -55,7 +60,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     for name in ("jsonb", "json"):
         await conn.set_type_codec(
             name,
-            encoder=lambda v: _json_encode(v).decode(),
+            encoder=json_text,
             decoder=_json_decode,
             schema="pg_catalog",
         )

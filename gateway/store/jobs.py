@@ -19,6 +19,8 @@ import asyncpg
 from gateway.jobs.kinds import Kind
 from gateway.jobs.prompts import normalize
 from gateway.jobs.state import Event, JobState, Status, Transition, transition
+from gateway.store.database import json_text
+from gateway.store.errors import StoreError
 
 NOTIFY_CHANNEL = "sorami_job_events"
 
@@ -102,42 +104,65 @@ LIMIT 1
 FOR UPDATE OF j
 """
 
-APPLY = """
-WITH updated AS (
-    UPDATE jobs SET
-        status = $2,
-        progress = $3,
-        message = COALESCE($4, message),
-        error_message = COALESCE($5, error_message),
-        model_name = COALESCE($6, model_name),
-        generation_time_seconds = COALESCE($7, generation_time_seconds),
-        first_webhook_at = CASE WHEN $8 THEN COALESCE(first_webhook_at, now())
-                                ELSE first_webhook_at END,
-        finished_at = CASE WHEN $9 THEN now() ELSE finished_at END,
-        seq = seq + 1,
-        updated_at = now()
-    WHERE id = $1
-    RETURNING id, seq, status, progress, message
-), event AS (
+# Every job of a batch that changed: its final row, its event rows (consecutive seqs), and
+# one NOTIFY per job (listeners re-read job_events after the seq they have). The event rows
+# read the jobs' messages before the UPDATE (one statement, one snapshot) to fill a message
+# the event itself does not carry, exactly as one UPDATE per event would. The seq guard
+# makes a job changed since it was locked fail loudly instead of writing over it. Rows are
+# found through their index (`= ANY`, scalar subqueries): a join with the unnest would
+# read whole tables once per batch.
+APPLY_MANY = """
+WITH changes AS (
+    SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::job_status[], $5::smallint[],
+                         $6::text[], $7::text[], $8::text[], $9::float8[], $10::bool[],
+                         $11::bool[])
+        AS c(id, seq_before, seq, status, progress, message, error_message, model_name,
+             generation_time_seconds, from_webhook, finished)
+), events AS (
     INSERT INTO job_events (job_id, seq, status, progress, message, source)
-    SELECT id, seq, status, progress, message, $10 FROM updated
+    SELECT e.job_id, e.seq, e.status, e.progress,
+           COALESCE(e.message, (SELECT j.message FROM jobs j WHERE j.id = e.job_id)), e.source
+    FROM unnest($12::text[], $13::int[], $14::job_status[], $15::smallint[], $16::text[],
+                $17::text[]) AS e(job_id, seq, status, progress, message, source)
+), updated AS (
+    UPDATE jobs j SET
+        status = c.status,
+        progress = c.progress,
+        message = COALESCE(c.message, j.message),
+        error_message = COALESCE(c.error_message, j.error_message),
+        model_name = COALESCE(c.model_name, j.model_name),
+        generation_time_seconds = COALESCE(c.generation_time_seconds,
+                                           j.generation_time_seconds),
+        first_webhook_at = CASE WHEN c.from_webhook THEN COALESCE(j.first_webhook_at, now())
+                                ELSE j.first_webhook_at END,
+        finished_at = CASE WHEN c.finished THEN now() ELSE j.finished_at END,
+        seq = c.seq,
+        updated_at = now()
+    FROM changes c
+    WHERE j.id = ANY($1::text[]) AND j.id = c.id AND j.seq = c.seq_before
+    RETURNING j.id, j.seq
 )
-SELECT seq, pg_notify('sorami_job_events', id || ':' || seq) FROM updated
+SELECT id, pg_notify('sorami_job_events', id || ':' || seq) FROM updated
 """
 
 INSERT_FILES = """
 INSERT INTO job_files (job_id, position, url, storage_key, filename, format, size_bytes,
                        width, height, duration_seconds, description)
-SELECT $1, f.* FROM unnest($2::smallint[], $3::text[], $4::text[], $5::text[], $6::text[],
-                           $7::bigint[], $8::int[], $9::int[], $10::float8[], $11::text[]) AS f
+SELECT f.* FROM unnest($1::text[], $2::smallint[], $3::text[], $4::text[], $5::text[],
+                       $6::text[], $7::bigint[], $8::int[], $9::int[], $10::float8[],
+                       $11::text[]) AS f
 ON CONFLICT (job_id, position) DO NOTHING
 """
 
-INSERT_NOTIFICATION = """
+# Metadata as JSON text: asyncpg's jsonb codec does not reach inside arrays.
+INSERT_NOTIFICATIONS = """
 INSERT INTO notifications (user_id, job_id, type, title, message, metadata)
-VALUES ($1, $2, $3, $4, $5, $6)
+SELECT n.user_id, n.job_id, n.type, n.title, n.message, n.metadata::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+    WITH ORDINALITY AS n(user_id, job_id, type, title, message, metadata, i)
+ORDER BY n.i
 ON CONFLICT ON CONSTRAINT notifications_once DO NOTHING
-RETURNING id
+RETURNING id, job_id, type
 """
 
 
@@ -145,6 +170,19 @@ async def lock(conn: asyncpg.Connection, job_id: str) -> LockedJob | None:
     """Lock a job by our id (delivery, cancel, timeouts)."""
     row = await conn.fetchrow(LOCK_BY_ID, job_id)
     return LockedJob.from_record(row) if row else None
+
+
+# In id order, so that two transactions locking overlapping sets cannot deadlock (rows are
+# locked after the sort).
+LOCK_MANY = f"""
+SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.id = ANY($1::text[]) ORDER BY j.id FOR UPDATE
+"""
+
+
+async def lock_many(conn: asyncpg.Connection, job_ids: Sequence[str]) -> dict[str, LockedJob]:
+    """Lock the jobs that exist among `job_ids`, in id order; keyed by id."""
+    rows = await conn.fetch(LOCK_MANY, list(job_ids))
+    return {r["id"]: LockedJob.from_record(r) for r in rows}
 
 
 async def lock_for_backend_id(
@@ -157,49 +195,106 @@ async def lock_for_backend_id(
 
 async def apply(conn: asyncpg.Connection, job: LockedJob, update: JobUpdate) -> Applied:
     """Apply one event to a locked job; the caller owns the transaction."""
-    step = transition(job.state, update.event)
-    if not step.applied:
-        return Applied(step, job.seq)
-    new = step.state
-    seq = await conn.fetchval(
-        APPLY,
-        job.id,
-        new.status.value,
-        new.progress,
-        update.message,
-        update.error_message if new.status is Status.FAILED else None,
-        update.model_name,
-        update.generation_time_seconds,
-        update.from_webhook,
-        step.finished,
-        update.source,
-    )
-    notification_id = None
-    if step.finished:
-        if new.status is Status.COMPLETED and update.files:
-            await _insert_files(conn, job.id, update.files)
-        notification_id = await _notify_owner(conn, job, new.status, update)
-    return Applied(step, seq, notification_id)
+    (replayed,) = await apply_many(conn, [(job, (update,))])
+    return replayed.applied[0]
 
 
-async def _insert_files(conn: asyncpg.Connection, job_id: str, files: Sequence[FileRecord]) -> None:
-    columns: list[list[Any]] = [[] for _ in range(10)]
-    for position, f in enumerate(files):
-        values = (
-            position,
-            f.url,
-            f.storage_key,
-            f.filename,
-            f.format,
-            f.size_bytes,
-            f.width,
-            f.height,
-            f.duration_seconds,
-            f.description,
-        )
-        for column, value in zip(columns, values, strict=True):
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replayed:
+    """What `apply_many` did to one job: the job as it is now, and one Applied per update."""
+
+    job: LockedJob
+    applied: tuple[Applied, ...]
+
+
+class _Columns:
+    """Rows gathered column by column, for `unnest` arrays."""
+
+    def __init__(self, width: int) -> None:
+        self.columns: list[list[Any]] = [[] for _ in range(width)]
+
+    def add(self, *values: Any) -> None:
+        for column, value in zip(self.columns, values, strict=True):
             column.append(value)
-    await conn.execute(INSERT_FILES, job_id, *columns)
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+
+async def apply_many(
+    conn: asyncpg.Connection, batch: Sequence[tuple[LockedJob, Sequence[JobUpdate]]]
+) -> list[Replayed]:
+    """Apply each locked job's updates in order, with a constant number of statements.
+
+    The result, row for row, is what `apply` called once per update would write: the state
+    machine decides every step in Python, then the jobs, their events, files and owner
+    notifications are written set-based. The caller owns the transaction and has locked
+    every job, each listed once.
+    """
+    changes, events = _Columns(11), _Columns(6)
+    files, notes = _Columns(11), _Columns(6)
+    # (job index, update index) of each notification row, to hand back its id
+    note_of: list[tuple[int, int]] = []
+    results: list[tuple[LockedJob, list[Applied]]] = []
+    seen: set[str] = set()
+    for index, (job, updates) in enumerate(batch):
+        if job.id in seen:
+            raise ValueError(f"job {job.id} listed twice in one batch")
+        seen.add(job.id)
+        state, seq = job.state, job.seq
+        message = error_message = model_name = None
+        generation_time: float | None = None
+        from_webhook = finished = False
+        applied: list[Applied] = []
+        for position, update in enumerate(updates):
+            step = transition(state, update.event)
+            if not step.applied:
+                applied.append(Applied(step, seq))
+                continue
+            state, seq = step.state, seq + 1
+            # each UPDATE keeps a column whose value the event does not carry
+            message = update.message if update.message is not None else message
+            if state.status is Status.FAILED and update.error_message is not None:
+                error_message = update.error_message
+            if update.model_name is not None:
+                model_name = update.model_name
+            if update.generation_time_seconds is not None:
+                generation_time = update.generation_time_seconds
+            from_webhook = from_webhook or update.from_webhook
+            events.add(job.id, seq, state.status.value, state.progress, message, update.source)
+            if step.finished:
+                finished = True
+                if state.status is Status.COMPLETED:
+                    for n, f in enumerate(update.files):
+                        files.add(job.id, n, f.url, f.storage_key, f.filename, f.format,
+                                  f.size_bytes, f.width, f.height, f.duration_seconds,
+                                  f.description)
+                note = owner_notification(job, state.status, update)
+                if note is not None:
+                    notes.add(job.user_id, job.id, note.type, note.title, note.message,
+                              json_text(note.metadata))
+                    note_of.append((index, position))
+            applied.append(Applied(step, seq))
+        if seq != job.seq:
+            changes.add(job.id, job.seq, seq, state.status.value, state.progress, message,
+                        error_message, model_name, generation_time, from_webhook, finished)
+        results.append((dataclasses.replace(job, state=state, seq=seq), applied))
+    if changes:
+        written = await conn.fetch(APPLY_MANY, *changes.columns, *events.columns)
+        if len(written) != len(changes):
+            raise StoreError("a job changed after it was locked; nothing was applied")
+    if files:
+        await conn.execute(INSERT_FILES, *files.columns)
+    if notes:
+        ids = {(r["job_id"], r["type"]): r["id"]
+               for r in await conn.fetch(INSERT_NOTIFICATIONS, *notes.columns)}
+        for (index, position), job_id, type_ in zip(note_of, notes.columns[1], notes.columns[2],
+                                                    strict=True):
+            if (job_id, type_) in ids:
+                applied = results[index][1]
+                applied[position] = dataclasses.replace(
+                    applied[position], notification_id=ids[job_id, type_])
+    return [Replayed(job, tuple(applied)) for job, applied in results]
 
 
 _TITLES = {
@@ -209,10 +304,21 @@ _TITLES = {
 }
 
 
-async def _notify_owner(
-    conn: asyncpg.Connection, job: LockedJob, status: Status, update: JobUpdate
-) -> int | None:
-    """One notification per job and terminal type (the constraint makes repeats no-ops)."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class OwnerNotification:
+    type: str
+    title: str
+    message: str
+    metadata: dict[str, Any]
+
+
+def owner_notification(
+    job: LockedJob, status: Status, update: JobUpdate
+) -> OwnerNotification | None:
+    """What the owner is told when `update` makes the job `status`; None for a cancel.
+
+    One notification per job and terminal type: the constraint makes repeats no-ops.
+    """
     if status not in _TITLES:
         return None  # the user cancelled it themselves
     noun = "Images" if job.kind is Kind.IMAGE else "Videos"
@@ -223,16 +329,12 @@ async def _notify_owner(
         message = update.error_message or update.message or "The generator reported a failure."
     else:
         message = update.message or "The generator stopped reporting progress."
-    notification_id: int | None = await conn.fetchval(
-        INSERT_NOTIFICATION,
-        job.user_id,
-        job.id,
-        f"{job.kind.label}_{status.value}",
-        _TITLES[status].format(noun=noun),
-        message,
-        {"job_id": job.id, "kind": job.kind.value, "files": len(update.files)},
+    return OwnerNotification(
+        type=f"{job.kind.label}_{status.value}",
+        title=_TITLES[status].format(noun=noun),
+        message=message,
+        metadata={"job_id": job.id, "kind": job.kind.value, "files": len(update.files)},
     )
-    return notification_id
 
 
 # --- creating jobs and reading them for their owner ---------------------------------------

@@ -10,6 +10,7 @@ caller's transaction, so a crash leaves the orphan either fully applied or untou
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -19,7 +20,7 @@ from gateway.jobs.payload import decode_stored
 from gateway.jobs.state import Transition
 from gateway.store import jobs as store_jobs
 from gateway.store.errors import Duplicate
-from gateway.store.jobs import LockedJob
+from gateway.store.jobs import JobUpdate, LockedJob
 
 RECORD_ORPHAN = """
 WITH orphan AS (
@@ -46,35 +47,63 @@ LOCK_BACKEND_ID = """
 SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))
 """
 
-INSERT_ALIAS = """
-INSERT INTO job_aliases (kind, backend_job_id, job_id, source)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (kind, backend_job_id) DO NOTHING
-RETURNING job_id
+# Every backend id of a batch, in key order, so that two batches cannot deadlock.
+LOCK_BACKEND_IDS = """
+SELECT pg_advisory_xact_lock(k.key)
+FROM (SELECT DISTINCT hashtextextended(b.kind || ':' || b.backend_job_id, 0) AS key
+      FROM unnest($1::text[], $2::text[]) AS b(kind, backend_job_id)) AS k
+ORDER BY k.key
 """
 
-ALIAS_TARGET = """
-SELECT job_id FROM job_aliases WHERE kind = $1 AND backend_job_id = $2
+# Any conflict (the backend id taken, or the job already aliased) skips that pair and
+# nothing else; `owner` then says who has the backend id (NULL: the job has another alias).
+# The subquery reads the aliases from before the statement, RETURNING those it added.
+INSERT_ALIASES = """
+WITH pairs AS (
+    SELECT * FROM unnest($1::job_kind[], $2::text[], $3::text[]) WITH ORDINALITY
+        AS p(kind, backend_job_id, job_id, i)
+), inserted AS (
+    INSERT INTO job_aliases (kind, backend_job_id, job_id, source)
+    SELECT p.kind, p.backend_job_id, p.job_id, $4 FROM pairs p ORDER BY p.i
+    ON CONFLICT DO NOTHING
+    RETURNING kind, backend_job_id, job_id
+)
+SELECT p.i, COALESCE((SELECT a.job_id FROM job_aliases a
+                      WHERE a.kind = p.kind AND a.backend_job_id = p.backend_job_id),
+                     n.job_id) AS owner
+FROM pairs p
+LEFT JOIN inserted n ON n.kind = p.kind AND n.backend_job_id = p.backend_job_id
+ORDER BY p.i
 """
 
+# Read through the index by `= ANY` (a join with the unnest would read the whole table;
+# $3 holds each kind once, or the planner overestimates the matches), then narrowed to
+# the exact pairs.
 PENDING_EVENTS = """
-SELECT id, dedupe_key, payload FROM orphan_events
-WHERE kind = $1 AND backend_job_id = $2 AND applied_at IS NULL
-ORDER BY received_at, id
-FOR UPDATE
+SELECT e.id, e.kind, e.backend_job_id, e.dedupe_key, e.payload
+FROM orphan_events e
+WHERE e.kind = ANY($3::job_kind[]) AND e.backend_job_id = ANY($2::text[])
+  AND (e.kind, e.backend_job_id) IN (SELECT * FROM unnest($1::job_kind[], $2::text[]))
+  AND e.applied_at IS NULL
+ORDER BY e.kind, e.backend_job_id, e.received_at, e.id
+FOR UPDATE OF e
 """
 
-MARK_EVENTS_APPLIED = """
-UPDATE orphan_events SET applied_at = now() WHERE id = ANY($1::bigint[])
-"""
-
-LINK_DELIVERIES = """
-UPDATE webhook_deliveries SET job_id = $1 WHERE dedupe_key = ANY($2::text[])
-"""
-
-RESOLVE_ORPHAN = """
-UPDATE orphans SET state = $3, job_id = $4, resolved_at = now()
-WHERE kind = $1 AND backend_job_id = $2
+# The replayed events marked applied, their dedupe records linked to the job, the orphans
+# resolved: data-modifying CTEs all run, once. `= ANY` makes each find its rows by index
+# ($8: each kind once).
+SETTLE_REPLAYED = """
+WITH marked AS (
+    UPDATE orphan_events SET applied_at = now() WHERE id = ANY($1::bigint[])
+), linked AS (
+    UPDATE webhook_deliveries d SET job_id = l.job_id
+    FROM unnest($2::text[], $3::text[]) AS l(dedupe_key, job_id)
+    WHERE d.dedupe_key = ANY($2::text[]) AND d.dedupe_key = l.dedupe_key
+)
+UPDATE orphans o SET state = $7, job_id = r.job_id, resolved_at = now()
+FROM unnest($4::job_kind[], $5::text[], $6::text[]) AS r(kind, backend_job_id, job_id)
+WHERE o.kind = ANY($8::job_kind[]) AND o.backend_job_id = ANY($5::text[])
+  AND o.kind = r.kind AND o.backend_job_id = r.backend_job_id
 """
 
 _STATE_FOR_SOURCE = {"delivery": "matched", "reconciler": "matched", "operator": "assigned"}
@@ -95,6 +124,30 @@ class Attached:
     notification_ids: tuple[int, ...]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Pair:
+    """A backend id to attach to a job the caller has locked."""
+
+    kind: Kind
+    backend_job_id: str
+    job: LockedJob
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refused:
+    """A pair left out of its batch, untouched: the backend id belongs to another job, or
+    the job already has another backend id."""
+
+    pair: Pair
+    owner: str | None
+
+    @property
+    def reason(self) -> str:
+        if self.owner is None:
+            return f"job {self.pair.job.id} already has another backend job id"
+        return f"backend job id already belongs to job {self.owner}"
+
+
 async def lock_backend_id(conn: asyncpg.Connection, kind: Kind, backend_job_id: str) -> None:
     """Take the transaction-scoped lock that `attach` holds for this backend id.
 
@@ -104,6 +157,13 @@ async def lock_backend_id(conn: asyncpg.Connection, kind: Kind, backend_job_id: 
     orphaned although its alias exists.
     """
     await conn.execute(LOCK_BACKEND_ID, kind.value, backend_job_id)
+
+
+async def lock_backend_ids(
+    conn: asyncpg.Connection, ids: Sequence[tuple[Kind, str]]
+) -> None:
+    """`lock_backend_id` for many (kind, backend id), in a deadlock-free order."""
+    await conn.execute(LOCK_BACKEND_IDS, [k.value for k, _ in ids], [b for _, b in ids])
 
 
 async def record(
@@ -148,26 +208,92 @@ async def attach(
     Raises Duplicate when that backend id already points to another job, or the job already
     has another alias. Attaching the same pair again replays nothing new.
     """
-    await lock_backend_id(conn, kind, backend_job_id)
-    inserted = await conn.fetchval(INSERT_ALIAS, kind.value, backend_job_id, job.id, source)
-    if inserted is None:
-        existing = await conn.fetchval(ALIAS_TARGET, kind.value, backend_job_id)
-        if existing != job.id:
-            raise Duplicate(f"backend job id already belongs to job {existing}")
-    events = await conn.fetch(PENDING_EVENTS, kind.value, backend_job_id)
-    transitions: list[Transition] = []
-    notifications: list[int] = []
+    (result,) = await attach_many(conn, [Pair(kind, backend_job_id, job)], source=source)
+    if isinstance(result, Refused):
+        raise Duplicate(result.reason)
+    return result
+
+
+async def attach_many(
+    conn: asyncpg.Connection, pairs: Sequence[Pair], *, source: str
+) -> list[Attached | Refused]:
+    """`attach` for a batch of pairs with a constant number of statements, in the caller's
+    transaction; one result per pair, in order.
+
+    The caller has locked every pair's job (`jobs.lock_many`: in id order). The result is
+    what attaching the pairs one by one in this order would write, except that a pair
+    `attach` would refuse with Duplicate is left out, untouched, and returned as Refused.
+    """
+    if not pairs:
+        return []
+    await lock_backend_ids(conn, [(p.kind, p.backend_job_id) for p in pairs])
+    owners = await conn.fetch(
+        INSERT_ALIASES,
+        [p.kind.value for p in pairs],
+        [p.backend_job_id for p in pairs],
+        [p.job.id for p in pairs],
+        source,
+    )
+    results: list[Attached | Refused | None] = [None] * len(pairs)
+    # the first pair of each backend id replays its events; a repeat of it replays nothing
+    replaying: dict[tuple[Kind, str], int] = {}
+    for pair, row in zip(pairs, owners, strict=True):
+        index = row["i"] - 1
+        if row["owner"] != pair.job.id:
+            results[index] = Refused(pair, row["owner"])
+        else:
+            replaying.setdefault((pair.kind, pair.backend_job_id), index)
+    if replaying:
+        await _replay(conn, pairs, replaying, results, source)
+    return [r if r is not None else Attached(pairs[i].job, (), ()) for i, r in
+            enumerate(results)]
+
+
+async def _replay(
+    conn: asyncpg.Connection,
+    pairs: Sequence[Pair],
+    replaying: dict[tuple[Kind, str], int],
+    results: list[Attached | Refused | None],
+    source: str,
+) -> None:
+    """Replay the pending events of the accepted pairs through `jobs.apply_many`."""
+    keys = list(replaying)
+    events = await conn.fetch(
+        PENDING_EVENTS, [k.value for k, _ in keys], [b for _, b in keys],
+        sorted({k.value for k, _ in keys}),
+    )
+    updates: dict[int, list[JobUpdate]] = {}
+    event_ids: list[int] = []
+    dedupe_keys: list[str] = []
+    linked_jobs: list[str] = []
     for event in events:
+        kind = Kind(event["kind"])
+        index = replaying[kind, event["backend_job_id"]]
         update = decode_stored(event["payload"]).to_update(kind, source=source)
-        applied = await store_jobs.apply(conn, job, update)
-        transitions.append(applied.transition)
-        if applied.notification_id is not None:
-            notifications.append(applied.notification_id)
-        job = dataclasses.replace(job, state=applied.transition.state, seq=applied.seq)
-    if events:
-        await conn.execute(MARK_EVENTS_APPLIED, [e["id"] for e in events])
-        await conn.execute(LINK_DELIVERIES, job.id, [e["dedupe_key"] for e in events])
-        await conn.execute(
-            RESOLVE_ORPHAN, kind.value, backend_job_id, _STATE_FOR_SOURCE[source], job.id
+        updates.setdefault(index, []).append(update)
+        event_ids.append(event["id"])
+        dedupe_keys.append(event["dedupe_key"])
+        linked_jobs.append(pairs[index].job.id)
+    order = list(updates)
+    replayed = await store_jobs.apply_many(
+        conn, [(pairs[i].job, updates[i]) for i in order]
+    )
+    for index, done in zip(order, replayed, strict=True):
+        results[index] = Attached(
+            done.job,
+            tuple(a.transition for a in done.applied),
+            tuple(a.notification_id for a in done.applied if a.notification_id is not None),
         )
-    return Attached(job, tuple(transitions), tuple(notifications))
+    if order:
+        resolved = [pairs[i] for i in order]
+        await conn.execute(
+            SETTLE_REPLAYED,
+            event_ids,
+            dedupe_keys,
+            linked_jobs,
+            [p.kind.value for p in resolved],
+            [p.backend_job_id for p in resolved],
+            [p.job.id for p in resolved],
+            _STATE_FOR_SOURCE[source],
+            sorted({p.kind.value for p in resolved}),
+        )

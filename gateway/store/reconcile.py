@@ -1,8 +1,9 @@
 """The reconciler's SQL: run bookkeeping, the matching plan, applying it, timeouts, retention.
 
 Matching is computed set-based into `reconcile_plan` (one row per orphan looked at, its
-decision and evidence) inside one snapshot, then applied one orphan per transaction through
-`orphans.attach`, so a crash leaves each orphan fully applied or untouched. Decisions that
+decision and evidence) inside one snapshot, then applied in batches through
+`orphans.attach_many`, one transaction per batch, so a crash leaves each orphan fully
+applied or untouched. Decisions that
 change nothing (waiting, ambiguous, no candidate) and expiries are written in one statement.
 Every query reads through an index or streams in keyset batches: nothing is loaded whole.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -21,6 +22,7 @@ from gateway.jobs.kinds import Kind
 from gateway.jobs.state import Event, Status
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
+from gateway.store.database import json_text
 from gateway.store.jobs import JobUpdate
 
 # pg_try_advisory_lock key: "sorami-r" as a 64-bit integer, held for a whole run
@@ -338,24 +340,15 @@ async def plan_counts(conn: asyncpg.Connection, run_id: int) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------
-# applying matches, one orphan per transaction
+# applying matches, a batch per transaction
 
 # A worker session's transactions commit without waiting for their WAL flush. Atomicity
 # is unchanged (each transaction is still all or nothing); a database crash may forget the
 # last few commits, which leaves those orphans (or stale jobs) as they were, and the next
-# run redoes them from the orphans' stored events. Waiting for a flush per orphan would
+# run redoes them from the orphans' stored events. Waiting for a flush per batch would
 # cost a disk sync each, serialized by NOTIFY's commit lock. The pool resets it on release.
 ASYNC_COMMIT = """
 SET synchronous_commit = off
-"""
-
-# The job's row, then the backend id's advisory lock: the order delivery's attach takes
-# them in (the CTE locks the row before the outer query calls the lock function).
-LOCK_FOR_MATCH = f"""
-WITH j AS MATERIALIZED (
-    SELECT {store_jobs._JOB_COLUMNS} FROM jobs j WHERE j.id = $1 FOR UPDATE
-)
-SELECT j.*, pg_advisory_xact_lock(hashtextextended($2 || ':' || $3, 0)) FROM j
 """
 
 PLANNED_MATCHES = """
@@ -366,33 +359,65 @@ ORDER BY id
 LIMIT $3
 """
 
-# Read after both locks (the job's row, then the backend id's advisory lock) are held.
-MATCH_STATE = """
-SELECT o.state,
+# Read after both locks (the jobs' rows, then the backend ids' advisory locks) are held;
+# one row per planned match, in order (NULL state: the orphan is gone).
+MATCH_STATES = """
+SELECT m.i,
+       (SELECT o.state FROM orphans o
+        WHERE o.kind = m.kind AND o.backend_job_id = m.backend_job_id) AS state,
        (SELECT a.job_id FROM job_aliases a
-        WHERE a.kind = o.kind AND a.backend_job_id = o.backend_job_id) AS alias_job_id,
+        WHERE a.kind = m.kind AND a.backend_job_id = m.backend_job_id) AS alias_job_id,
        EXISTS (SELECT 1 FROM job_aliases a
-               WHERE a.job_id = $3
-                 AND (a.kind, a.backend_job_id) <> (o.kind, o.backend_job_id))
+               WHERE a.job_id = m.job_id
+                 AND (a.kind, a.backend_job_id) <> (m.kind, m.backend_job_id))
            AS job_has_other_alias,
-       EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id = $3) AS job_had_webhook
-FROM orphans o
-WHERE o.kind = $1 AND o.backend_job_id = $2
+       EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id = m.job_id)
+           AS job_had_webhook
+FROM unnest($1::job_kind[], $2::text[], $3::text[]) WITH ORDINALITY
+    AS m(kind, backend_job_id, job_id, i)
+ORDER BY m.i
 """
 
-# The decision row and the plan's note that it is written, in the caller's transaction.
+# The decision rows and the plan's note that they are written, in the caller's
+# transaction; the evidence added to the plan's comes as JSON text (see
+# jobs.INSERT_NOTIFICATIONS). The plan's rows are found by their ids alone (unique across
+# runs): with run_id too the planner scans the whole run's rows.
 DECIDE_PLANNED = """
-WITH decision AS (
+WITH d AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
+        WITH ORDINALITY AS d(plan_id, job_id, rule, outcome, evidence, i)
+), decision AS (
     INSERT INTO reconcile_decisions (run_id, kind, backend_job_id, job_id, rule, outcome,
                                      evidence)
-    SELECT p.run_id, p.kind, p.backend_job_id, $3, $4, $5, p.evidence || $6::jsonb
-    FROM reconcile_plan p
-    WHERE p.run_id = $1 AND p.id = $2
-    RETURNING id
+    SELECT $1, p.kind, p.backend_job_id, d.job_id, d.rule, d.outcome,
+           p.evidence || d.evidence::jsonb
+    FROM d JOIN reconcile_plan p ON p.id = d.plan_id
+    WHERE p.id = ANY($2::bigint[])
+    ORDER BY d.i
 )
-UPDATE reconcile_plan SET decided = true, outcome = $5, job_id = $3
-WHERE run_id = $1 AND id = $2 AND EXISTS (SELECT 1 FROM decision)
+UPDATE reconcile_plan p SET decided = true, outcome = d.outcome, job_id = d.job_id
+FROM d
+WHERE p.id = ANY($2::bigint[]) AND p.id = d.plan_id
 """
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Decision:
+    plan_id: int
+    job_id: str | None
+    rule: str
+    outcome: str
+    evidence: dict[str, Any]
+
+
+async def _decide(conn: asyncpg.Connection, run_id: int, decisions: list[_Decision]) -> None:
+    if decisions:
+        await conn.execute(
+            DECIDE_PLANNED, run_id,
+            [d.plan_id for d in decisions], [d.job_id for d in decisions],
+            [d.rule for d in decisions], [d.outcome for d in decisions],
+            [json_text(d.evidence) for d in decisions],
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -411,10 +436,12 @@ class MatchResult:
     job_status: str | None = None
     replayed: int = 0
     notifications: int = 0
+    # applying it failed (recorded as waiting, rule apply_failed)
+    failed: bool = False
 
 
 async def prepare_worker(conn: asyncpg.Connection) -> None:
-    """Set up a connection that applies many one-orphan (or one-job) transactions."""
+    """Set up a connection that applies many batches, one transaction each."""
     await conn.execute(ASYNC_COMMIT)
 
 
@@ -434,29 +461,57 @@ async def planned_matches(
 
 
 async def apply_match(conn: asyncpg.Connection, run_id: int, m: PlannedMatch) -> MatchResult:
-    """Apply one planned match in the caller's transaction, if it still holds.
+    """`apply_matches` of one match."""
+    (result,) = await apply_matches(conn, run_id, [m])
+    return result
 
-    Locks the job, then the backend id (the order delivery's attach uses), checks again
-    what the plan saw, and attaches; otherwise records the orphan as waiting for the next
-    run. Either way the decision row is written in the same transaction.
+
+async def apply_matches(
+    conn: asyncpg.Connection, run_id: int, matches: Sequence[PlannedMatch]
+) -> list[MatchResult]:
+    """Apply planned matches in the caller's transaction, those that still hold.
+
+    Locks the jobs (in id order), then the backend ids (the order delivery's attach uses),
+    checks again what the plan saw, and attaches the matches that still hold with one
+    `orphans.attach_many`; a match that no longer holds is recorded as waiting for the
+    next run. Either way every decision row is written in the same transaction. One result
+    per match, in order.
     """
-    row = await conn.fetchrow(LOCK_FOR_MATCH, m.job_id, m.kind.value, m.backend_job_id)
-    job = store_jobs.LockedJob.from_record(row) if row else None
-    reason = await _match_obstacle(conn, m, job)
-    if reason is not None or job is None:
-        await conn.execute(DECIDE_PLANNED, run_id, m.plan_id, None, "recheck", "waiting",
-                           {"reason": reason, "planned_job_id": m.job_id})
-        return MatchResult(False, reason=reason)
-    # under both locks nobody else can alias either side, so attach cannot refuse here
-    attached = await orphans.attach(conn, m.kind, m.backend_job_id, job, source="reconciler")
-    status = attached.job.state.status.value
-    await conn.execute(
-        DECIDE_PLANNED, run_id, m.plan_id, m.job_id, m.rule, "matched",
-        {"job_user_id": job.user_id, "job_created_at": job.created_at,
-         "replayed_events": len(attached.transitions), "job_status": status},
+    jobs = await store_jobs.lock_many(conn, [m.job_id for m in matches])
+    await orphans.lock_backend_ids(conn, [(m.kind, m.backend_job_id) for m in matches])
+    states = await conn.fetch(
+        MATCH_STATES, [m.kind.value for m in matches], [m.backend_job_id for m in matches],
+        [m.job_id for m in matches],
     )
-    return MatchResult(True, job_status=status, replayed=len(attached.transitions),
-                       notifications=len(attached.notification_ids))
+    results: list[MatchResult | None] = [None] * len(matches)
+    decisions: list[_Decision] = []
+    holding: list[tuple[int, orphans.Pair]] = []
+    for index, (m, row) in enumerate(zip(matches, states, strict=True)):
+        job = jobs.get(m.job_id)
+        reason = _match_obstacle(m, job, MatchState.from_record(row))
+        if reason is not None or job is None:
+            decisions.append(_Decision(m.plan_id, None, "recheck", "waiting",
+                                       {"reason": reason, "planned_job_id": m.job_id}))
+            results[index] = MatchResult(False, reason=reason)
+        else:
+            holding.append((index, orphans.Pair(m.kind, m.backend_job_id, job)))
+    # under both locks nobody else can alias either side, so nothing should be refused
+    attached = await orphans.attach_many(conn, [p for _, p in holding], source="reconciler")
+    for (index, pair), done in zip(holding, attached, strict=True):
+        m = matches[index]
+        if isinstance(done, orphans.Refused):
+            decisions.append(_failure(m.plan_id, done.reason))
+            results[index] = MatchResult(False, reason=done.reason, failed=True)
+            continue
+        status = done.job.state.status.value
+        decisions.append(_Decision(
+            m.plan_id, m.job_id, m.rule, "matched",
+            {"job_user_id": pair.job.user_id, "job_created_at": pair.job.created_at,
+             "replayed_events": len(done.transitions), "job_status": status}))
+        results[index] = MatchResult(True, job_status=status, replayed=len(done.transitions),
+                                     notifications=len(done.notification_ids))
+    await _decide(conn, run_id, decisions)
+    return [r for r in results if r is not None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -468,25 +523,28 @@ class MatchState:
     job_has_other_alias: bool
     job_had_webhook: bool
 
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> MatchState | None:
+        if r["state"] is None:
+            return None
+        return cls(r["state"], r["alias_job_id"], r["job_has_other_alias"],
+                   r["job_had_webhook"])
+
 
 async def match_state(
     conn: asyncpg.Connection, kind: Kind, backend_job_id: str, job_id: str
 ) -> MatchState | None:
     """None when there is no such orphan."""
-    row = await conn.fetchrow(MATCH_STATE, kind.value, backend_job_id, job_id)
-    if row is None:
-        return None
-    return MatchState(row["state"], row["alias_job_id"], row["job_has_other_alias"],
-                      row["job_had_webhook"])
+    (row,) = await conn.fetch(MATCH_STATES, [kind.value], [backend_job_id], [job_id])
+    return MatchState.from_record(row)
 
 
-async def _match_obstacle(
-    conn: asyncpg.Connection, m: PlannedMatch, job: store_jobs.LockedJob | None
+def _match_obstacle(
+    m: PlannedMatch, job: store_jobs.LockedJob | None, state: MatchState | None
 ) -> str | None:
     """Why the planned match no longer holds, or None when it does."""
     if job is None:
         return "the job no longer exists"
-    state = await match_state(conn, m.kind, m.backend_job_id, m.job_id)
     if state is None:
         return "the orphan no longer exists"
     if m.rule == "alias":
@@ -508,12 +566,16 @@ async def _match_obstacle(
     return None
 
 
+def _failure(plan_id: int, error: str) -> _Decision:
+    return _Decision(plan_id, None, "apply_failed", "waiting",
+                     {"reason": "applying the match failed", "error": error[:500]})
+
+
 async def record_failure(
     conn: asyncpg.Connection, run_id: int, plan_id: int, error: str
 ) -> None:
     """An orphan whose attach failed: recorded as waiting (the next run tries again)."""
-    await conn.execute(DECIDE_PLANNED, run_id, plan_id, None, "apply_failed", "waiting",
-                       {"reason": "applying the match failed", "error": error[:500]})
+    await _decide(conn, run_id, [_failure(plan_id, error)])
 
 
 # The expiries and the decisions that change nothing, in one statement. An orphan that
@@ -697,14 +759,14 @@ async def time_out(
     conn: asyncpg.Connection, job_ids: list[str], cutoff: dt.datetime, message: str
 ) -> int:
     """Time out, in the caller's transaction, those of `job_ids` still active and unchanged
-    since `cutoff`, each through the state machine (which notifies its owner); returns how
-    many."""
-    done = 0
-    for row in await conn.fetch(LOCK_STALE_JOBS, job_ids, cutoff):
-        update = JobUpdate(event=Event(Status.TIMED_OUT), source="timeout", message=message)
-        applied = await store_jobs.apply(conn, store_jobs.LockedJob.from_record(row), update)
-        done += applied.transition.applied
-    return done
+    since `cutoff`, each through the state machine (which notifies its owner), written in
+    bulk by `jobs.apply_many`; returns how many."""
+    update = JobUpdate(event=Event(Status.TIMED_OUT), source="timeout", message=message)
+    rows = await conn.fetch(LOCK_STALE_JOBS, job_ids, cutoff)
+    replayed = await store_jobs.apply_many(
+        conn, [(store_jobs.LockedJob.from_record(row), (update,)) for row in rows]
+    )
+    return sum(r.applied[0].transition.applied for r in replayed)
 
 
 # ---------------------------------------------------------------------------------------
