@@ -1,6 +1,7 @@
 """Job creation: POST /api/images/generate with HS256 tokens against `serve --workers 2`, its
 outbox delivered meanwhile to a fast backend double; beside pgbench running the gateway's own
-inserts (INSERT_JOB and ENQUEUE in one transaction) at the same concurrency.
+insert (CREATE_AND_ENQUEUE: the job and its outbox row in one statement) at the same
+concurrency.
 
 Each repetition sends a known number of creations, each once; the database must then hold
 exactly that many new jobs, each with its outbox row.
@@ -40,7 +41,6 @@ from gateway.api.schemas import REQUEST_TYPES, decode_body
 from gateway.jobs.kinds import Kind
 from gateway.jobs.prompts import normalize
 from gateway.store import jobs as store_jobs
-from gateway.store import outbox
 
 CONNECTIONS = 32
 USERS = 100
@@ -75,12 +75,10 @@ def build_stream(count: int, port: int, secret: str) -> list[bytes]:
 def pgbench_script() -> str:
     return "\n".join([
         r"\set id :idbase + :client_id * 100000000 + :n",
-        "BEGIN;",
-        pgbench.bind(store_jobs.INSERT_JOB, {1: ":id", 2: ":kind", 3: ":user", 4: "NULL",
-                                             5: ":prompt", 6: ":prompt_norm", 7: ":params",
-                                             8: ":message", 9: "NULL", 10: "NULL"}),
-        pgbench.bind(outbox.ENQUEUE, {1: ":id", 2: ":action", 3: ":payload"}),
-        "COMMIT;",
+        pgbench.bind(store_jobs.CREATE_AND_ENQUEUE, {
+            1: ":id", 2: ":kind", 3: ":user", 4: "NULL", 5: ":prompt", 6: ":prompt_norm",
+            7: ":params", 8: ":message", 9: "NULL", 10: "NULL", 11: ":action", 12: ":payload",
+        }),
         r"\set n :n + 1",
         "",
     ])
@@ -123,7 +121,8 @@ async def _counts(conn: asyncpg.Connection) -> dict[str, int]:
 
 async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[str, Any]]:
     count: int = args.creates
-    per_client = math.ceil(count / CONNECTIONS)
+    # pgbench runs before and after the gateway, each half as many transactions
+    per_client = math.ceil(count / CONNECTIONS / 2)
     detail: dict[str, Any] = {"creates": count, "connections": CONNECTIONS, "repetitions": []}
     secret, _ = new_webhook_secret()
     hs_secret = "bench-create-" + "y" * 40
@@ -140,12 +139,19 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
             for rep in range(args.repeat):
                 load = wait_for_quiet(args.quiet_load, args.quiet_wait)
                 print(f"create #{rep + 1}: load {load[0]:.2f}; pgbench, {CONNECTIONS} clients, "
-                      f"{per_client * CONNECTIONS:,} transactions", flush=True)
-                limit = pgbench.run(dsn, script, clients=CONNECTIONS,
-                                    transactions_per_client=per_client,
-                                    variables=pgbench_variables((rep + 1) * 10**12))
-                # pgbench's jobs go, so that the dispatcher has nothing of theirs to send
-                await conn.execute("DELETE FROM jobs WHERE id ~ '^[0-9]+$'")
+                      f"2 x {per_client * CONNECTIONS:,} transactions, before and after the "
+                      f"gateway", flush=True)
+
+                async def limit_run(half: int, rep: int = rep) -> pgbench.PgbenchResult:
+                    result = pgbench.run(dsn, script, clients=CONNECTIONS,
+                                         transactions_per_client=per_client,
+                                         variables=pgbench_variables((2 * rep + half + 1)
+                                                                     * 10**12))
+                    # pgbench's jobs go, so that no dispatcher has anything of theirs to send
+                    await conn.execute("DELETE FROM jobs WHERE id ~ '^[0-9]+$'")
+                    return result
+
+                before_limit = await limit_run(0)
                 before = await _counts(conn)
                 port = free_port()
                 stream = build_stream(count, port, hs_secret)
@@ -174,6 +180,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                     drain = time.monotonic() - drain_started
                 finally:
                     server.stop()
+                limit = pgbench.combine([before_limit, await limit_run(1)])
                 stream_path.unlink()
                 errors = gateway.error_count(ok_statuses=(202,))
                 created = after["jobs"] - before["jobs"]

@@ -48,9 +48,13 @@ class PgbenchResult:
     p99_ms: float
     seconds: float
     output: str
+    latencies_us: tuple[float, ...] = ()
+    # the throughput of each run, when several are combined
+    runs_tps: tuple[float, ...] = ()
 
     def as_dict(self) -> dict[str, float | int]:
         return {
+            "runs_tps": [round(t, 1) for t in self.runs_tps] or [round(self.tps, 1)],
             "transactions": self.transactions,
             "failed": self.failed,
             "tps": round(self.tps, 1),
@@ -101,6 +105,24 @@ def run(
         p99_ms=percentile(latencies, 99) / 1000,
         seconds=last - first,
         output=output,
+        latencies_us=tuple(latencies),
+    )
+
+
+def combine(runs: Sequence[PgbenchResult]) -> PgbenchResult:
+    """Runs before and after the gateway's, as one limit: the mean throughput, the latency
+    percentiles of all their transactions together (the machine's load drifts meanwhile)."""
+    latencies = [v for run in runs for v in run.latencies_us]
+    return PgbenchResult(
+        transactions=sum(r.transactions for r in runs),
+        failed=sum(r.failed for r in runs),
+        tps=sum(r.tps for r in runs) / len(runs),
+        p50_ms=percentile(latencies, 50) / 1000,
+        p99_ms=percentile(latencies, 99) / 1000,
+        seconds=sum(r.seconds for r in runs),
+        output="\n".join(r.output for r in runs),
+        latencies_us=tuple(latencies),
+        runs_tps=tuple(r.tps for r in runs),
     )
 
 

@@ -29,6 +29,7 @@ from bench.common import (
     gateway_env,
     new_webhook_secret,
     percentile,
+    profiled,
     rss_kib,
     scratch_database,
     wait_for_quiet,
@@ -213,8 +214,9 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
             updater = ctx.Process(target=_updater,
                                   args=(dsn, job_ids, seconds, start_at, results))
             updater.start()
-            changes: list[tuple[str, int, float, float]] = await loop.run_in_executor(
-                None, lambda: results.get(timeout=seconds + 120))
+            with profiled([pid], out, min(args.profile_seconds, seconds), args.profile):
+                changes: list[tuple[str, int, float, float]] = await loop.run_in_executor(
+                    None, lambda: results.get(timeout=seconds + 120))
             updater.join()
             await asyncio.sleep(2)  # the last events in flight
             rss_after = rss_kib(pid)
