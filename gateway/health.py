@@ -6,7 +6,8 @@ import asyncio
 
 from aiohttp import web
 
-from gateway.store import StoreError, get_database
+from gateway.database import get_database
+from gateway.store import StoreError
 from gateway.store.migrations import is_current
 
 routes = web.RouteTableDef()

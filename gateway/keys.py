@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.delivery.dispatcher import Dispatcher
 from gateway.settings import Settings
 from gateway.store.database import Database
 
 if TYPE_CHECKING:
     # annotations only: these modules import the store, which imports this module
     from gateway.auth import Authenticator
+    from gateway.delivery.dispatcher import Dispatcher
     from gateway.events import JobEventHub
     from gateway.metrics.database import DatabaseGauges
     from gateway.openapi import Operation
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
-DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
 DATABASE_GAUGES: web.AppKey[DatabaseGauges] = web.AppKey("database_gauges")
 WEBHOOK_VERIFIER: web.AppKey[Verifier] = web.AppKey("webhook_verifier")
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth")

@@ -79,6 +79,10 @@ class Settings:
     log_level: str = "info"
     # off in the container image, where DATABASE_URL is required
     embedded_allowed: bool = True
+    # the reconciler: active jobs unchanged this long time out; dedupe records kept this long
+    job_timeout_image_seconds: int = 15 * 60
+    job_timeout_video_seconds: int = 60 * 60
+    dedupe_retention_seconds: int = 7 * 86400
 
     @property
     def embedded(self) -> bool:
@@ -129,6 +133,11 @@ class Settings:
                 "LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical")
             ),
             embedded_allowed=p.choice("SORAMI_EMBEDDED", "on", ("on", "off")) == "on",
+            job_timeout_image_seconds=p.integer("JOB_TIMEOUT_IMAGE_SECONDS", 15 * 60, low=60),
+            job_timeout_video_seconds=p.integer("JOB_TIMEOUT_VIDEO_SECONDS", 60 * 60, low=60),
+            dedupe_retention_seconds=p.integer(
+                "DEDUPE_RETENTION_SECONDS", 7 * 86400, low=3600
+            ),
         )
         settings.check_consistency()
         return settings
@@ -144,6 +153,11 @@ class Settings:
             raise SettingsError("AUTH_ISSUER", "is required when AUTH_JWKS_URL is set")
         if self.db_pool_min > self.db_pool_max:
             raise SettingsError("DB_POOL_MIN", "must not exceed DB_POOL_MAX")
+        if self.dedupe_retention_seconds <= self.webhook_tolerance_seconds:
+            # a delivery replayed within the signature tolerance must still be recognised
+            raise SettingsError(
+                "DEDUPE_RETENTION_SECONDS", "must be longer than WEBHOOK_TOLERANCE_SECONDS"
+            )
 
     def check_serving(self) -> None:
         """What `serve` needs beyond well-formed values: a way to verify both callers."""

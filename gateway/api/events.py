@@ -18,9 +18,10 @@ from aiohttp import web
 from gateway.api.jobs import JOB_NOT_FOUND
 from gateway.api.schemas import JobEvent
 from gateway.auth import authenticate
+from gateway.database import get_database
 from gateway.errors import NotFound
 from gateway.events import JobEventHub, get_job_events
-from gateway.store import Database, StoreError, get_database
+from gateway.store import Database, StoreError
 from gateway.store import events as store_events
 from gateway.store import jobs as store_jobs
 from gateway.store.events import JobEventRow

@@ -39,12 +39,13 @@ from gateway.api.schemas import (
     decode_query,
 )
 from gateway.auth import authenticate
+from gateway.database import get_database
 from gateway.errors import Conflict, NotFound, Unprocessable
 from gateway.jobs.kinds import Kind
 from gateway.jobs.prompts import fingerprint
 from gateway.jobs.state import Event, Status
-from gateway.store import get_database, outbox
 from gateway.store import jobs as store_jobs
+from gateway.store import outbox
 from gateway.store.jobs import FileRecord, JobUpdate, JobView, NewJob
 
 log = structlog.get_logger(__name__)

@@ -10,8 +10,8 @@ from gateway.api import cursors
 from gateway.api.jobs import respond
 from gateway.api.schemas import NotificationPage, NotificationQuery, NotificationView, decode_query
 from gateway.auth import authenticate
+from gateway.database import get_database
 from gateway.errors import NotFound
-from gateway.store import get_database
 from gateway.store import notifications as store_notifications
 from gateway.store.notifications import NotificationRow
 

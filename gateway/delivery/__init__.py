@@ -13,9 +13,9 @@ import structlog
 from aiohttp import web
 
 from gateway import keys
+from gateway.database import get_database
 from gateway.delivery.backend import BackendClient
 from gateway.delivery.dispatcher import Dispatcher
-from gateway.store import get_database
 
 __all__ = ["BackendClient", "Dispatcher", "get_dispatcher", "setup_delivery"]
 

@@ -12,9 +12,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway import keys
+from gateway.database import get_database
 from gateway.metrics import multiprocess
 from gateway.metrics.database import DatabaseGauges
-from gateway.store import get_database
 
 routes = web.RouteTableDef()
 

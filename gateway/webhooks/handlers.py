@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from gateway import keys, metrics
+from gateway.database import get_database
 from gateway.errors import (
     BadRequest,
     PayloadTooLarge,
@@ -29,7 +30,6 @@ from gateway.errors import (
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import PayloadError, WebhookPayload, decode
 from gateway.jobs.prompts import fingerprint
-from gateway.store import get_database
 from gateway.store import webhooks as store_webhooks
 from gateway.store.webhooks import Delivery, Ingested, Outcome
 from gateway.webhooks.verify import VerificationFailed, Verified, Verifier

@@ -1,0 +1,848 @@
+"""The reconciler's SQL: run bookkeeping, the matching plan, applying it, timeouts, retention.
+
+Matching is computed set-based into `reconcile_plan` (one row per orphan looked at, its
+decision and evidence) inside one snapshot, then applied one orphan per transaction through
+`orphans.attach`, so a crash leaves each orphan fully applied or untouched. Decisions that
+change nothing (waiting, ambiguous, no candidate) and expiries are written in one statement.
+Every query reads through an index or streams in keyset batches: nothing is loaded whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from gateway.jobs.kinds import Kind
+from gateway.jobs.state import Event, Status
+from gateway.store import jobs as store_jobs
+from gateway.store import orphans
+from gateway.store.jobs import JobUpdate
+
+# pg_try_advisory_lock key: "sorami-r" as a 64-bit integer, held for a whole run
+RUN_LOCK_KEY = int.from_bytes(b"sorami-r", "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+OPEN_STATES = ("unresolved", "unmatched")
+REVIEW_OUTCOMES = ("ambiguous", "no_candidate", "expired")
+
+# ---------------------------------------------------------------------------------------
+# runs
+
+TRY_RUN_LOCK = """
+SELECT pg_try_advisory_lock($1)
+"""
+
+RELEASE_RUN_LOCK = """
+SELECT pg_advisory_unlock($1)
+"""
+
+# Under the run lock, a run still 'running' is one whose process died.
+ABANDON_RUNS = """
+UPDATE reconcile_runs
+SET state = 'failed', finished_at = now(), error = 'interrupted before it finished'
+WHERE state = 'running'
+"""
+
+CLEAR_PLAN = """
+DELETE FROM reconcile_plan WHERE run_id = $1 OR $1 IS NULL
+"""
+
+START_RUN = """
+INSERT INTO reconcile_runs (dry_run) VALUES ($1) RETURNING id, started_at
+"""
+
+FINISH_RUN = """
+UPDATE reconcile_runs SET finished_at = now(), state = $2, counts = $3, error = $4
+WHERE id = $1
+RETURNING finished_at
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run:
+    id: int
+    started_at: dt.datetime
+
+
+async def try_run_lock(conn: asyncpg.Connection) -> bool:
+    """Take the session-level reconcile lock; False when another run holds it."""
+    locked: bool = await conn.fetchval(TRY_RUN_LOCK, RUN_LOCK_KEY)
+    return locked
+
+
+async def release_run_lock(conn: asyncpg.Connection) -> None:
+    """Release the run lock; a session that is gone has released it already."""
+    with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        await conn.execute(RELEASE_RUN_LOCK, RUN_LOCK_KEY)
+
+
+async def start_run(conn: asyncpg.Connection, *, dry_run: bool) -> Run:
+    """Record a run (holding the run lock): earlier runs that died are marked failed."""
+    await conn.execute(ABANDON_RUNS)
+    await conn.execute(CLEAR_PLAN, None)
+    row = await conn.fetchrow(START_RUN, dry_run)
+    return Run(row["id"], row["started_at"])
+
+
+async def finish_run(
+    conn: asyncpg.Connection, run_id: int, *, state: str, counts: dict[str, Any],
+    error: str | None = None,
+) -> dt.datetime:
+    finished_at: dt.datetime = await conn.fetchval(FINISH_RUN, run_id, state, counts, error)
+    return finished_at
+
+
+async def clear_plan(conn: asyncpg.Connection, run_id: int) -> None:
+    await conn.execute(CLEAR_PLAN, run_id)
+
+
+# ---------------------------------------------------------------------------------------
+# the plan: one row per orphan looked at, computed in one snapshot
+
+# What every decision records about the orphan; the prompt itself stays in `orphans`,
+# its fingerprint (gateway.jobs.prompts.fingerprint of the normalised prompt) is enough to
+# compare it with jobs.
+_EVIDENCE = """jsonb_build_object(
+    'user_id', o.user_id,
+    'prompt_fingerprint',
+        CASE WHEN o.prompt_norm IS NOT NULL
+             THEN left(encode(sha256(convert_to(o.prompt_norm, 'UTF8')), 'hex'), 12) END,
+    'first_seen_at', o.first_seen_at,
+    'file_count', o.file_count,
+    'event_count', o.event_count)"""
+
+# A job can take an orphan: the partial index jobs_candidates' predicate word for word
+# (TIMED_OUT still counts: a late completion completes it), never heard from under its own
+# id, no alias yet.
+_CANDIDATE = """j.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')
+      AND j.first_webhook_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM job_aliases a WHERE a.job_id = j.id)
+      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id = j.id)"""
+
+# Created within the window before the orphan was first seen, or a few seconds after.
+_IN_WINDOW = """j.created_at BETWEEN o.first_seen_at - make_interval(secs => $2)
+                          AND o.first_seen_at + make_interval(secs => $3)"""
+
+_NOT_PLANNED = """NOT EXISTS (SELECT 1 FROM reconcile_plan p
+                  WHERE p.run_id = $1 AND p.kind = o.kind
+                    AND p.backend_job_id = o.backend_job_id)"""
+
+_PLAN_ROW = """reconcile_plan
+    (run_id, kind, backend_job_id, job_id, rule, outcome, first_seen_at, evidence)"""
+
+# An open orphan whose backend id meanwhile has an alias goes to that alias' job.
+PLAN_ALIASES = f"""
+INSERT INTO {_PLAN_ROW}
+SELECT $1, o.kind, o.backend_job_id, a.job_id, 'alias', 'matched', o.first_seen_at,
+       {_EVIDENCE} || jsonb_build_object(
+           'alias_source', a.source, 'alias_created_at', a.created_at,
+           'orphan_state', o.state,
+           'reason', 'its backend id is a known alias of the job')
+FROM orphans o
+JOIN job_aliases a ON a.kind = o.kind AND a.backend_job_id = o.backend_job_id
+WHERE o.state IN ('unresolved', 'unmatched')
+"""
+
+# Grace: younger than the grace period, an alias may still arrive.
+PLAN_WAITING = f"""
+INSERT INTO {_PLAN_ROW}
+SELECT $1, o.kind, o.backend_job_id, NULL, 'grace', 'waiting', o.first_seen_at,
+       {_EVIDENCE} || jsonb_build_object(
+           'grace_seconds', $3::float8,
+           'age_seconds', round(extract(epoch FROM $2::timestamptz - o.first_seen_at), 3),
+           'reason', 'first seen within the grace period')
+FROM orphans o
+WHERE o.state = 'unresolved'
+  AND o.first_seen_at > $2::timestamptz - make_interval(secs => $3)
+  AND {_NOT_PLANNED}
+"""
+
+# Without a prompt (no original_prompt, no file description) there is no evidence.
+PLAN_NO_PROMPT = f"""
+INSERT INTO {_PLAN_ROW}
+SELECT $1, o.kind, o.backend_job_id, NULL, 'no_prompt', 'no_candidate', o.first_seen_at,
+       {_EVIDENCE} || jsonb_build_object(
+           'reason', 'its events carry no prompt (no original_prompt, no file description)')
+FROM orphans o
+WHERE o.state = 'unresolved' AND o.prompt_norm IS NULL AND {_NOT_PLANNED}
+"""
+
+# Orphans that name a user: only that user's candidates; several orphans and candidates of
+# one (kind, user, prompt) pair one to one in time order. Only orphans with a candidate in
+# their own window take a rank, and only candidates in some orphan's window, so a job too
+# old for every orphan does not shift the pairing; a pair that still falls outside the
+# orphan's window is left for review.
+PLAN_USER_PROMPT = f"""
+WITH ready AS (
+    SELECT o.kind, o.backend_job_id, o.user_id, o.prompt_norm, o.first_seen_at,
+           o.file_count, o.event_count
+    FROM orphans o
+    WHERE o.state = 'unresolved' AND o.user_id IS NOT NULL AND o.prompt_norm IS NOT NULL
+      AND {_NOT_PLANNED}
+), edges AS (
+    SELECT o.kind, o.backend_job_id, j.id AS job_id
+    FROM ready o
+    JOIN jobs j ON j.kind = o.kind AND j.prompt_norm = o.prompt_norm
+               AND j.user_id = o.user_id
+    WHERE {_CANDIDATE}
+      AND {_IN_WINDOW}
+), counted AS (
+    SELECT o.kind, o.backend_job_id, o.user_id, o.prompt_norm, o.first_seen_at,
+           o.file_count, o.event_count, count(e.job_id) AS candidates
+    FROM ready o
+    LEFT JOIN edges e ON e.kind = o.kind AND e.backend_job_id = o.backend_job_id
+    GROUP BY o.kind, o.backend_job_id, o.user_id, o.prompt_norm, o.first_seen_at,
+             o.file_count, o.event_count
+), orphan_ranks AS (
+    SELECT c.kind, c.backend_job_id, c.user_id, c.prompt_norm, c.first_seen_at,
+           row_number() OVER (PARTITION BY c.kind, c.user_id, c.prompt_norm
+                              ORDER BY c.first_seen_at, c.backend_job_id) AS rank
+    FROM counted c
+    WHERE c.candidates > 0
+), job_ranks AS (
+    SELECT j.id, j.kind, j.user_id, j.prompt_norm, j.created_at,
+           row_number() OVER (PARTITION BY j.kind, j.user_id, j.prompt_norm
+                              ORDER BY j.created_at, j.id) AS rank
+    FROM jobs j
+    WHERE j.id IN (SELECT e.job_id FROM edges e)
+), pairs AS (
+    SELECT o.kind, o.backend_job_id, o.rank, j.id AS job_id, j.created_at AS job_created_at,
+           COALESCE(j.created_at BETWEEN o.first_seen_at - make_interval(secs => $2)
+                                     AND o.first_seen_at + make_interval(secs => $3),
+                    false) AS in_window
+    FROM orphan_ranks o
+    LEFT JOIN job_ranks j ON j.kind = o.kind AND j.user_id = o.user_id
+                         AND j.prompt_norm = o.prompt_norm AND j.rank = o.rank
+)
+INSERT INTO {_PLAN_ROW}
+SELECT $1, o.kind, o.backend_job_id,
+       CASE WHEN p.in_window THEN p.job_id END,
+       'user_prompt',
+       CASE WHEN p.in_window THEN 'matched'
+            WHEN p.job_id IS NOT NULL THEN 'ambiguous'
+            ELSE 'no_candidate' END,
+       o.first_seen_at,
+       {_EVIDENCE} || jsonb_build_object(
+           'candidates', o.candidates,
+           'rank', p.rank,
+           'paired_job_id', p.job_id,
+           'paired_job_created_at', p.job_created_at,
+           'window_seconds', $2::float8,
+           'reason', CASE
+               WHEN p.in_window THEN 'paired in time order with this user''s job'
+               WHEN p.job_id IS NOT NULL
+                   THEN 'the job paired in time order lies outside this orphan''s window'
+               WHEN o.candidates > 0
+                   THEN 'every such job of this user is paired with an earlier orphan'
+               ELSE 'no job of this user with this prompt in the window' END)
+FROM counted o
+LEFT JOIN pairs p ON p.kind = o.kind AND p.backend_job_id = o.backend_job_id
+"""
+
+# Orphans without a user: only when exactly one candidate across all users has the prompt
+# and exactly one unresolved orphan carries it. Candidates are counted up to 5 (more
+# changes nothing: it is ambiguous either way).
+PLAN_PROMPT_ONLY = f"""
+WITH ready AS (
+    SELECT o.kind, o.backend_job_id, o.user_id, o.prompt_norm, o.first_seen_at,
+           o.file_count, o.event_count
+    FROM orphans o
+    WHERE o.state = 'unresolved' AND o.user_id IS NULL AND o.prompt_norm IS NOT NULL
+      AND {_NOT_PLANNED}
+), evaluated AS (
+    SELECT o.*, c.candidates, c.job_id, c.jobs,
+           (SELECT count(*) FROM (SELECT 1 FROM orphans x
+                                  WHERE x.kind = o.kind AND x.prompt_norm = o.prompt_norm
+                                    AND x.state = 'unresolved'
+                                  LIMIT 2) AS carriers) AS orphans_with_prompt
+    FROM ready o
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS candidates, min(j.id) AS job_id,
+               jsonb_agg(jsonb_build_object('job_id', j.id, 'user_id', j.user_id,
+                                            'created_at', j.created_at)
+                         ORDER BY j.created_at) AS jobs
+        FROM (SELECT j.id, j.user_id, j.created_at
+              FROM jobs j
+              WHERE j.kind = o.kind AND j.prompt_norm = o.prompt_norm
+                AND {_CANDIDATE}
+                AND {_IN_WINDOW}
+              ORDER BY j.created_at
+              LIMIT 5) AS j
+    ) AS c
+)
+INSERT INTO {_PLAN_ROW}
+SELECT $1, o.kind, o.backend_job_id,
+       CASE WHEN o.candidates = 1 AND o.orphans_with_prompt = 1 THEN o.job_id END,
+       'prompt_only',
+       CASE WHEN o.candidates = 0 THEN 'no_candidate'
+            WHEN o.candidates = 1 AND o.orphans_with_prompt = 1 THEN 'matched'
+            ELSE 'ambiguous' END,
+       o.first_seen_at,
+       {_EVIDENCE} || jsonb_build_object(
+           'candidates', o.candidates,
+           'candidate_jobs', COALESCE(o.jobs, '[]'::jsonb),
+           'orphans_with_prompt', o.orphans_with_prompt,
+           'window_seconds', $2::float8,
+           'reason', CASE
+               WHEN o.candidates = 0 THEN 'no job with this prompt in the window'
+               WHEN o.candidates > 1
+                   THEN 'several jobs have this prompt and the orphan names no user'
+               WHEN o.orphans_with_prompt > 1
+                   THEN 'several unresolved orphans carry this prompt'
+               ELSE 'the one job with this prompt, and the one orphan carrying it' END)
+FROM evaluated o
+"""
+
+# Still unmatched after --expire-after: left to an operator for good.
+PLAN_EXPIRE = """
+UPDATE reconcile_plan
+SET outcome = 'expired',
+    evidence = evidence || jsonb_build_object('outcome_before_expiry', outcome,
+                                              'expire_after_seconds', $3::float8)
+WHERE run_id = $1 AND outcome IN ('ambiguous', 'no_candidate')
+  AND first_seen_at <= $2::timestamptz - make_interval(secs => $3)
+"""
+
+PLAN_COUNTS = """
+SELECT outcome, count(*) AS n FROM reconcile_plan WHERE run_id = $1 GROUP BY outcome
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlanParameters:
+    run_at: dt.datetime
+    grace_seconds: float
+    window_seconds: float
+    expire_after_seconds: float
+    skew_seconds: float
+
+
+async def build_plan(conn: asyncpg.Connection, run_id: int, p: PlanParameters) -> dict[str, int]:
+    """Decide for every open orphan, in one snapshot; returns the count per outcome."""
+    async with conn.transaction(isolation="repeatable_read"):
+        await conn.execute(PLAN_ALIASES, run_id)
+        await conn.execute(PLAN_WAITING, run_id, p.run_at, p.grace_seconds)
+        await conn.execute(PLAN_NO_PROMPT, run_id)
+        await conn.execute(PLAN_USER_PROMPT, run_id, p.window_seconds, p.skew_seconds)
+        await conn.execute(PLAN_PROMPT_ONLY, run_id, p.window_seconds, p.skew_seconds)
+        await conn.execute(PLAN_EXPIRE, run_id, p.run_at, p.expire_after_seconds)
+    return await plan_counts(conn, run_id)
+
+
+async def plan_counts(conn: asyncpg.Connection, run_id: int) -> dict[str, int]:
+    return {r["outcome"]: r["n"] for r in await conn.fetch(PLAN_COUNTS, run_id)}
+
+
+# ---------------------------------------------------------------------------------------
+# applying matches, one orphan per transaction
+
+# A worker session's transactions commit without waiting for their WAL flush. Atomicity
+# is unchanged (each transaction is still all or nothing); a database crash may forget the
+# last few commits, which leaves those orphans (or stale jobs) as they were, and the next
+# run redoes them from the orphans' stored events. Waiting for a flush per orphan would
+# cost a disk sync each, serialized by NOTIFY's commit lock. The pool resets it on release.
+ASYNC_COMMIT = """
+SET synchronous_commit = off
+"""
+
+# The job's row, then the backend id's advisory lock: the order delivery's attach takes
+# them in (the CTE locks the row before the outer query calls the lock function).
+LOCK_FOR_MATCH = f"""
+WITH j AS MATERIALIZED (
+    SELECT {store_jobs._JOB_COLUMNS} FROM jobs j WHERE j.id = $1 FOR UPDATE
+)
+SELECT j.*, pg_advisory_xact_lock(hashtextextended($2 || ':' || $3, 0)) FROM j
+"""
+
+PLANNED_MATCHES = """
+SELECT id, kind, backend_job_id, job_id, rule
+FROM reconcile_plan
+WHERE run_id = $1 AND outcome = 'matched' AND NOT decided AND id > $2
+ORDER BY id
+LIMIT $3
+"""
+
+# Read after both locks (the job's row, then the backend id's advisory lock) are held.
+MATCH_STATE = """
+SELECT o.state,
+       (SELECT a.job_id FROM job_aliases a
+        WHERE a.kind = o.kind AND a.backend_job_id = o.backend_job_id) AS alias_job_id,
+       EXISTS (SELECT 1 FROM job_aliases a
+               WHERE a.job_id = $3
+                 AND (a.kind, a.backend_job_id) <> (o.kind, o.backend_job_id))
+           AS job_has_other_alias,
+       EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id = $3) AS job_had_webhook
+FROM orphans o
+WHERE o.kind = $1 AND o.backend_job_id = $2
+"""
+
+# The decision row and the plan's note that it is written, in the caller's transaction.
+DECIDE_PLANNED = """
+WITH decision AS (
+    INSERT INTO reconcile_decisions (run_id, kind, backend_job_id, job_id, rule, outcome,
+                                     evidence)
+    SELECT p.run_id, p.kind, p.backend_job_id, $3, $4, $5, p.evidence || $6::jsonb
+    FROM reconcile_plan p
+    WHERE p.run_id = $1 AND p.id = $2
+    RETURNING id
+)
+UPDATE reconcile_plan SET decided = true, outcome = $5, job_id = $3
+WHERE run_id = $1 AND id = $2 AND EXISTS (SELECT 1 FROM decision)
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlannedMatch:
+    plan_id: int
+    kind: Kind
+    backend_job_id: str
+    job_id: str
+    rule: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MatchResult:
+    matched: bool
+    reason: str | None = None
+    job_status: str | None = None
+    replayed: int = 0
+    notifications: int = 0
+
+
+async def prepare_worker(conn: asyncpg.Connection) -> None:
+    """Set up a connection that applies many one-orphan (or one-job) transactions."""
+    await conn.execute(ASYNC_COMMIT)
+
+
+async def planned_matches(
+    conn: asyncpg.Connection, run_id: int, *, batch: int = 500
+) -> AsyncIterator[PlannedMatch]:
+    """The run's planned matches in keyset batches of `batch` rows."""
+    after = 0
+    while True:
+        rows = await conn.fetch(PLANNED_MATCHES, run_id, after, batch)
+        for r in rows:
+            yield PlannedMatch(r["id"], Kind(r["kind"]), r["backend_job_id"], r["job_id"],
+                               r["rule"])
+        if len(rows) < batch:
+            return
+        after = rows[-1]["id"]
+
+
+async def apply_match(conn: asyncpg.Connection, run_id: int, m: PlannedMatch) -> MatchResult:
+    """Apply one planned match in the caller's transaction, if it still holds.
+
+    Locks the job, then the backend id (the order delivery's attach uses), checks again
+    what the plan saw, and attaches; otherwise records the orphan as waiting for the next
+    run. Either way the decision row is written in the same transaction.
+    """
+    row = await conn.fetchrow(LOCK_FOR_MATCH, m.job_id, m.kind.value, m.backend_job_id)
+    job = store_jobs.LockedJob.from_record(row) if row else None
+    reason = await _match_obstacle(conn, m, job)
+    if reason is not None or job is None:
+        await conn.execute(DECIDE_PLANNED, run_id, m.plan_id, None, "recheck", "waiting",
+                           {"reason": reason, "planned_job_id": m.job_id})
+        return MatchResult(False, reason=reason)
+    # under both locks nobody else can alias either side, so attach cannot refuse here
+    attached = await orphans.attach(conn, m.kind, m.backend_job_id, job, source="reconciler")
+    status = attached.job.state.status.value
+    await conn.execute(
+        DECIDE_PLANNED, run_id, m.plan_id, m.job_id, m.rule, "matched",
+        {"job_user_id": job.user_id, "job_created_at": job.created_at,
+         "replayed_events": len(attached.transitions), "job_status": status},
+    )
+    return MatchResult(True, job_status=status, replayed=len(attached.transitions),
+                       notifications=len(attached.notification_ids))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MatchState:
+    """An orphan and a job as they are now, read under both locks."""
+
+    orphan_state: str
+    alias_job_id: str | None
+    job_has_other_alias: bool
+    job_had_webhook: bool
+
+
+async def match_state(
+    conn: asyncpg.Connection, kind: Kind, backend_job_id: str, job_id: str
+) -> MatchState | None:
+    """None when there is no such orphan."""
+    row = await conn.fetchrow(MATCH_STATE, kind.value, backend_job_id, job_id)
+    if row is None:
+        return None
+    return MatchState(row["state"], row["alias_job_id"], row["job_has_other_alias"],
+                      row["job_had_webhook"])
+
+
+async def _match_obstacle(
+    conn: asyncpg.Connection, m: PlannedMatch, job: store_jobs.LockedJob | None
+) -> str | None:
+    """Why the planned match no longer holds, or None when it does."""
+    if job is None:
+        return "the job no longer exists"
+    state = await match_state(conn, m.kind, m.backend_job_id, m.job_id)
+    if state is None:
+        return "the orphan no longer exists"
+    if m.rule == "alias":
+        if state.orphan_state not in OPEN_STATES:
+            return f"the orphan is {state.orphan_state} already"
+        if state.alias_job_id != m.job_id:
+            return "the backend id is an alias of another job now"
+        return None
+    if state.orphan_state != "unresolved":
+        return f"the orphan is {state.orphan_state} already"
+    if state.alias_job_id is not None:
+        return "the backend id got an alias meanwhile"
+    if state.job_has_other_alias:
+        return "the job got another backend id meanwhile"
+    if state.job_had_webhook or job.first_webhook_at is not None:
+        return "the job heard from the backend under its own id meanwhile"
+    if job.state.status in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
+        return f"the job is {job.state.status.value} meanwhile"
+    return None
+
+
+async def record_failure(
+    conn: asyncpg.Connection, run_id: int, plan_id: int, error: str
+) -> None:
+    """An orphan whose attach failed: recorded as waiting (the next run tries again)."""
+    await conn.execute(DECIDE_PLANNED, run_id, plan_id, None, "apply_failed", "waiting",
+                       {"reason": "applying the match failed", "error": error[:500]})
+
+
+# The expiries and the decisions that change nothing, in one statement. An orphan that
+# left 'unresolved' meanwhile is not expired (and its expiry is not recorded).
+RECORD_UNAPPLIED = """
+WITH expired AS (
+    UPDATE orphans o SET state = 'unmatched'
+    FROM reconcile_plan p
+    WHERE p.run_id = $1 AND p.outcome = 'expired'
+      AND o.kind = p.kind AND o.backend_job_id = p.backend_job_id
+      AND o.state = 'unresolved'
+    RETURNING o.kind, o.backend_job_id
+)
+INSERT INTO reconcile_decisions (run_id, kind, backend_job_id, job_id, rule, outcome, evidence)
+SELECT p.run_id, p.kind, p.backend_job_id, p.job_id, p.rule, p.outcome, p.evidence
+FROM reconcile_plan p
+WHERE p.run_id = $1 AND NOT p.decided
+  AND (p.outcome IN ('waiting', 'ambiguous', 'no_candidate')
+       OR (p.outcome = 'expired'
+           AND EXISTS (SELECT 1 FROM expired e
+                       WHERE e.kind = p.kind AND e.backend_job_id = p.backend_job_id)))
+"""
+
+UNEXPIRED = """
+UPDATE reconcile_plan p SET outcome = 'waiting',
+    evidence = evidence || '{"reason": "the orphan left unresolved during the run"}'::jsonb
+WHERE p.run_id = $1 AND p.outcome = 'expired' AND NOT p.decided
+  AND NOT EXISTS (SELECT 1 FROM reconcile_decisions d
+                  WHERE d.run_id = p.run_id AND d.kind = p.kind
+                    AND d.backend_job_id = p.backend_job_id)
+"""
+
+
+async def record_unapplied(conn: asyncpg.Connection, run_id: int) -> int:
+    """Write the decisions that change nothing, and the expiries; returns rows written."""
+    async with conn.transaction():
+        status = await conn.execute(RECORD_UNAPPLIED, run_id)
+        await conn.execute(UNEXPIRED, run_id)
+    return _rowcount(status)
+
+
+# ---------------------------------------------------------------------------------------
+# what needs review: this run's doubts and every orphan left unmatched
+
+REVIEW = """
+WITH flagged AS (
+    SELECT p.kind, p.backend_job_id, p.outcome, p.rule, p.evidence
+    FROM reconcile_plan p
+    WHERE p.run_id = $1 AND p.outcome IN ('ambiguous', 'no_candidate', 'expired')
+    UNION ALL
+    SELECT o.kind, o.backend_job_id, last.outcome, last.rule, last.evidence
+    FROM orphans o
+    LEFT JOIN LATERAL (
+        SELECT d.outcome, d.rule, d.evidence FROM reconcile_decisions d
+        WHERE d.kind = o.kind AND d.backend_job_id = o.backend_job_id
+        ORDER BY d.id DESC LIMIT 1
+    ) AS last ON true
+    WHERE o.state = 'unmatched'
+      AND NOT EXISTS (SELECT 1 FROM reconcile_plan p
+                      WHERE p.run_id = $1 AND p.kind = o.kind
+                        AND p.backend_job_id = o.backend_job_id)
+)
+SELECT f.kind, f.backend_job_id, o.state, f.outcome, f.rule, f.evidence, o.user_id, o.prompt,
+       o.first_seen_at, o.file_count, o.event_count, count(*) OVER () AS total
+FROM flagged f
+JOIN orphans o ON o.kind = f.kind AND o.backend_job_id = f.backend_job_id
+ORDER BY o.first_seen_at, f.kind, f.backend_job_id
+LIMIT $2
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReviewItem:
+    kind: str
+    backend_job_id: str
+    state: str
+    outcome: str | None
+    rule: str | None
+    reason: str | None
+    user_id: str | None
+    prompt: str | None
+    first_seen_at: dt.datetime
+    file_count: int
+    event_count: int
+    evidence: dict[str, Any]
+
+
+async def review(
+    conn: asyncpg.Connection, run_id: int, *, limit: int
+) -> tuple[int, list[ReviewItem]]:
+    """(how many orphans need review, the first `limit` of them, oldest first)."""
+    rows = await conn.fetch(REVIEW, run_id, limit)
+    total = rows[0]["total"] if rows else 0
+    return total, [
+        ReviewItem(
+            kind=r["kind"], backend_job_id=r["backend_job_id"], state=r["state"],
+            outcome=r["outcome"], rule=r["rule"],
+            reason=(r["evidence"] or {}).get("reason"),
+            user_id=r["user_id"], prompt=r["prompt"], first_seen_at=r["first_seen_at"],
+            file_count=r["file_count"], event_count=r["event_count"],
+            evidence=r["evidence"] or {},
+        )
+        for r in rows
+    ]
+
+
+STATUS = """
+SELECT (SELECT max(finished_at) FROM reconcile_runs
+        WHERE state = 'succeeded' AND NOT dry_run) AS last_success_at,
+       (SELECT count(*) FROM orphans WHERE state = 'unresolved') AS unresolved,
+       (SELECT count(*) FROM orphans WHERE state = 'unmatched') AS unmatched
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReconcileStatus:
+    last_success_at: dt.datetime | None
+    open_orphans: dict[str, int]
+
+
+async def status(conn: asyncpg.Connection) -> ReconcileStatus:
+    """When a real run last succeeded, and how many orphans are open, by state."""
+    row = await conn.fetchrow(STATUS)
+    return ReconcileStatus(row["last_success_at"],
+                   {"unresolved": row["unresolved"], "unmatched": row["unmatched"]})
+
+
+# ---------------------------------------------------------------------------------------
+# stale jobs: no change for longer than their kind's timeout become TIMED_OUT
+
+# The predicate matches the partial index jobs_active_updated word for word.
+STALE_JOBS = """
+SELECT id, updated_at FROM jobs
+WHERE kind = $1 AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')
+  AND updated_at < $2
+  AND (updated_at, id) > ($3, $4)
+ORDER BY updated_at, id
+LIMIT $5
+"""
+
+COUNT_STALE_JOBS = """
+SELECT count(*) FROM jobs
+WHERE kind = $1 AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')
+  AND updated_at < $2
+"""
+
+# Locks the jobs still active and unchanged since the cutoff (a row updated meanwhile is
+# re-checked against the WHERE clause once its lock is granted); a job whose row is busy
+# right now is being heard from, so it is skipped rather than waited for.
+LOCK_STALE_JOBS = f"""
+SELECT {store_jobs._JOB_COLUMNS} FROM jobs j
+WHERE j.id = ANY($1::text[]) AND j.updated_at < $2
+  AND j.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')
+ORDER BY j.id
+FOR UPDATE SKIP LOCKED
+"""
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+async def stale_jobs(
+    conn: asyncpg.Connection, kind: Kind, cutoff: dt.datetime, *, batch: int = 100
+) -> AsyncIterator[list[str]]:
+    """Ids of active jobs of `kind` unchanged since before `cutoff`, in keyset batches."""
+    after: tuple[dt.datetime, str] = (_EPOCH, "")
+    while True:
+        rows = await conn.fetch(STALE_JOBS, kind.value, cutoff, *after, batch)
+        if rows:
+            yield [r["id"] for r in rows]
+        if len(rows) < batch:
+            return
+        after = (rows[-1]["updated_at"], rows[-1]["id"])
+
+
+async def count_stale_jobs(conn: asyncpg.Connection, kind: Kind, cutoff: dt.datetime) -> int:
+    count: int = await conn.fetchval(COUNT_STALE_JOBS, kind.value, cutoff)
+    return count
+
+
+async def time_out(
+    conn: asyncpg.Connection, job_ids: list[str], cutoff: dt.datetime, message: str
+) -> int:
+    """Time out, in the caller's transaction, those of `job_ids` still active and unchanged
+    since `cutoff`, each through the state machine (which notifies its owner); returns how
+    many."""
+    done = 0
+    for row in await conn.fetch(LOCK_STALE_JOBS, job_ids, cutoff):
+        update = JobUpdate(event=Event(Status.TIMED_OUT), source="timeout", message=message)
+        applied = await store_jobs.apply(conn, store_jobs.LockedJob.from_record(row), update)
+        done += applied.transition.applied
+    return done
+
+
+# ---------------------------------------------------------------------------------------
+# retention
+
+# One batch: the oldest rows' physical addresses from the index, then a TID scan; a row
+# updated meanwhile has moved and is left alone (its new version no longer matches).
+PRUNE_DELIVERIES = """
+DELETE FROM webhook_deliveries
+WHERE ctid = ANY(ARRAY(SELECT ctid FROM webhook_deliveries
+                       WHERE received_at < $1 LIMIT $2))
+"""
+
+PRUNE_OUTBOX = """
+DELETE FROM outbox
+WHERE ctid = ANY(ARRAY(SELECT ctid FROM outbox WHERE delivered_at < $1 LIMIT $2))
+"""
+
+COUNT_PRUNABLE = """
+SELECT (SELECT count(*) FROM webhook_deliveries WHERE received_at < $1) AS webhook_deliveries,
+       (SELECT count(*) FROM outbox WHERE delivered_at < $1) AS outbox
+"""
+
+
+async def prune(conn: asyncpg.Connection, cutoff: dt.datetime, *, batch: int = 5000) -> dict[
+    str, int
+]:
+    """Delete dedupe records and delivered outbox rows older than `cutoff`, in batches."""
+    pruned: dict[str, int] = {}
+    for table, query in (("webhook_deliveries", PRUNE_DELIVERIES), ("outbox", PRUNE_OUTBOX)):
+        total = 0
+        while True:
+            deleted = _rowcount(await conn.execute(query, cutoff, batch))
+            total += deleted
+            if deleted < batch:
+                break
+        pruned[table] = total
+    return pruned
+
+
+async def count_prunable(conn: asyncpg.Connection, cutoff: dt.datetime) -> dict[str, int]:
+    row = await conn.fetchrow(COUNT_PRUNABLE, cutoff)
+    return {"webhook_deliveries": row["webhook_deliveries"], "outbox": row["outbox"]}
+
+
+# ---------------------------------------------------------------------------------------
+# operators: listing, assigning, dismissing
+
+LIST_ORPHANS = """
+SELECT o.kind, o.backend_job_id, o.state, o.user_id, o.prompt, o.file_count, o.event_count,
+       o.first_seen_at, o.last_seen_at, o.job_id, o.resolved_at,
+       last.outcome AS last_outcome, last.rule AS last_rule, last.evidence AS last_evidence,
+       last.actor AS last_actor, last.reason AS last_reason, last.created_at AS decided_at
+FROM orphans o
+LEFT JOIN LATERAL (
+    SELECT d.outcome, d.rule, d.evidence, d.actor, d.reason, d.created_at
+    FROM reconcile_decisions d
+    WHERE d.kind = o.kind AND d.backend_job_id = o.backend_job_id
+    ORDER BY d.id DESC LIMIT 1
+) AS last ON true
+WHERE o.state = ANY($1::text[])
+ORDER BY o.first_seen_at, o.kind, o.backend_job_id
+"""
+
+ORPHAN_KINDS = """
+SELECT kind FROM orphans WHERE backend_job_id = $1 ORDER BY kind
+"""
+
+ORPHAN_FOR_UPDATE = """
+SELECT kind, backend_job_id, state, user_id, job_id FROM orphans
+WHERE kind = $1 AND backend_job_id = $2
+FOR UPDATE
+"""
+
+DISMISS_ORPHAN = """
+UPDATE orphans SET state = 'dismissed', resolved_at = now()
+WHERE kind = $1 AND backend_job_id = $2
+"""
+
+INSERT_DECISION = """
+INSERT INTO reconcile_decisions (run_id, kind, backend_job_id, job_id, rule, outcome,
+                                 evidence, actor, reason)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+RETURNING id
+"""
+
+
+async def list_orphans(
+    conn: asyncpg.Connection, states: tuple[str, ...], *, prefetch: int = 500
+) -> AsyncIterator[asyncpg.Record]:
+    """Orphans in `states` with their latest decision, oldest first, streamed by a cursor.
+
+    Call it inside a transaction (server-side cursors live in one).
+    """
+    async for row in conn.cursor(LIST_ORPHANS, list(states), prefetch=prefetch):
+        yield row
+
+
+async def orphan_kinds(conn: asyncpg.Connection, backend_job_id: str) -> list[Kind]:
+    return [Kind(r["kind"]) for r in await conn.fetch(ORPHAN_KINDS, backend_job_id)]
+
+
+async def lock_orphan(
+    conn: asyncpg.Connection, kind: Kind, backend_job_id: str
+) -> asyncpg.Record | None:
+    """The orphan's row, locked, after the backend id's lock (the order attach uses)."""
+    await orphans.lock_backend_id(conn, kind, backend_job_id)
+    row: asyncpg.Record | None = await conn.fetchrow(
+        ORPHAN_FOR_UPDATE, kind.value, backend_job_id
+    )
+    return row
+
+
+async def dismiss(conn: asyncpg.Connection, kind: Kind, backend_job_id: str) -> None:
+    await conn.execute(DISMISS_ORPHAN, kind.value, backend_job_id)
+
+
+async def record_decision(
+    conn: asyncpg.Connection,
+    *,
+    kind: Kind,
+    backend_job_id: str,
+    job_id: str | None,
+    rule: str,
+    outcome: str,
+    evidence: dict[str, Any],
+    actor: str,
+    reason: str | None,
+    run_id: int | None = None,
+) -> int:
+    decision_id: int = await conn.fetchval(
+        INSERT_DECISION, run_id, kind.value, backend_job_id, job_id, rule, outcome, evidence,
+        actor, reason,
+    )
+    return decision_id
+
+
+def _rowcount(status: str) -> int:
+    """'DELETE 12' / 'INSERT 0 12' -> 12."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
