@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
+import os
 import re
+import secrets
 import time
-import uuid
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client import Histogram
 
 from gateway.metrics import HTTP_IN_FLIGHT, HTTP_REQUEST_DURATION
 
@@ -37,11 +40,31 @@ _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+class _RequestIds:
+    """Unique ids without a random read per request: a random prefix per process (drawn
+    again in a forked child) and a counter."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._prefix = ""
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._prefix = secrets.token_hex(10)
+            self._counter = itertools.count()
+        return f"{self._prefix}{next(self._counter):012x}"
+
+
+_new_request_id = _RequestIds().next
+
+
 def request_id_from(header: str | None) -> str:
-    """The caller's request id when it is sane, else a new random one."""
+    """The caller's request id when it is sane, else a new one (32 hex digits)."""
     if header is not None and _SANE_REQUEST_ID.fullmatch(header):
         return header
-    return uuid.uuid4().hex
+    return _new_request_id()
 
 
 def current_request_id() -> str | None:
@@ -63,6 +86,20 @@ def route_template(request: web.Request) -> str:
     if resource is None or request.match_info.http_exception is not None:
         return UNMATCHED_ROUTE
     return resource.canonical
+
+
+_STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
+# the histogram's children by label values, bound once each rather than looked up per request
+_durations: dict[tuple[str, str, int], Histogram] = {}
+
+
+def _duration(method: str, route: str, status: int) -> Histogram:
+    key = (method, route, status // 100)
+    child = _durations.get(key)
+    if child is None:
+        status_class = _STATUS_CLASSES.get(key[2], f"{key[2]}xx")
+        child = _durations[key] = HTTP_REQUEST_DURATION.labels(method, route, status_class)
+    return child
 
 
 @web.middleware
@@ -94,7 +131,7 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
         elapsed = time.perf_counter() - started
         route = route_template(request)
         method = request.method if request.method in _METHODS else "other"
-        HTTP_REQUEST_DURATION.labels(method, route, f"{status // 100}xx").observe(elapsed)
+        _duration(method, route, status).observe(elapsed)
         access = log.debug if route in _QUIET_ROUTES else log.info
         access(
             "http_request",

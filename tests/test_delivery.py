@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import email.utils
 import math
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -85,10 +86,15 @@ async def new_job(
     kind: Kind = Kind.IMAGE,
     user_id: str = "user_a",
     prompt: str = "un chat mignon avec des lunettes de soleil",
+    job_id: str | None = None,
 ) -> str:
-    """A committed job and its generate row, as the create route leaves them."""
+    """A committed job and its generate row, as the create route leaves them.
+
+    Its commit wakes the dispatcher at once: script the backend's replies for `job_id`
+    before calling this, or the first call may meet the default reply.
+    """
     job_id = await insert_job(db, kind=kind, user_id=user_id, prompt=prompt,
-                              status=Status.PENDING)
+                              status=Status.PENDING, job_id=job_id)
     async with db.transaction() as conn:
         await outbox.enqueue(conn, job_id, "generate",
                              request_body(job_id, kind, user_id, prompt))
@@ -140,8 +146,9 @@ async def test_500_500_200_ends_queued_after_three_calls(
 ) -> None:
     retries, delivered = attempts("generate", "retry"), attempts("generate", "delivered")
     await start_gateway()
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, status(500), status(500), ACCEPT)
+    await new_job(db, job_id=job_id)
 
     settled = await settle(db, job_id)
 
@@ -178,8 +185,9 @@ async def test_429_with_retry_after_is_not_called_again_before_it(
     db: Database, backend: ScriptedBackend, start_gateway: StartGateway
 ) -> None:
     await start_gateway()
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, status(429, retry_after="1"), ACCEPT)
+    await new_job(db, job_id=job_id)
 
     await settle(db, job_id)
 
@@ -192,8 +200,9 @@ async def test_a_retry_after_longer_than_the_schedule_postpones_the_next_attempt
     db: Database, backend: ScriptedBackend, start_gateway: StartGateway
 ) -> None:
     await start_gateway()
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, status(503, retry_after="30"))
+    await new_job(db, job_id=job_id)
 
     async def rescheduled() -> bool:
         r = await row(db, job_id)
@@ -222,8 +231,9 @@ async def test_a_hang_past_the_timeout_is_retried_and_ends_queued(
     db: Database, backend: ScriptedBackend, start_gateway: StartGateway
 ) -> None:
     await start_gateway(backend_timeout_seconds=0.3)
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, Reply(hang=math.inf), ACCEPT)
+    await new_job(db, job_id=job_id)
 
     await settle(db, job_id)
 
@@ -239,8 +249,9 @@ async def test_400_fails_the_job_with_one_notification_after_exactly_one_call(
 ) -> None:
     failed = attempts("generate", "failed")
     await start_gateway()
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, status(400, body={"error": "prompt rejected by the safety filter"}))
+    await new_job(db, job_id=job_id)
 
     settled = await settle(db, job_id)
 
@@ -261,8 +272,9 @@ async def test_a_redirect_is_not_followed(
     db: Database, backend: ScriptedBackend, start_gateway: StartGateway
 ) -> None:
     await start_gateway()
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, Reply(status=307, body={"moved": True}))
+    await new_job(db, job_id=job_id)
 
     settled = await settle(db, job_id)
 
@@ -290,8 +302,9 @@ async def test_an_answer_with_the_backends_own_id_records_the_alias_and_applies_
             await orphans.record(conn, Kind.IMAGE, backend_id, dedupe_key=key,
                                  event_status=str(body["status"]), payload=body, hints=hints)
     await start_gateway()
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, Reply(own_id=backend_id))
+    await new_job(db, job_id=job_id)
 
     await settle(db, job_id)
 
@@ -321,8 +334,9 @@ async def test_an_own_id_already_taken_by_another_job_still_queues_the_job(
         assert locked is not None
         await orphans.attach(conn, Kind.IMAGE, "backend-7", locked, source="operator")
     await start_gateway()
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, Reply(own_id="backend-7"))
+    await new_job(db, job_id=job_id)
 
     settled = await settle(db, job_id)
 
@@ -336,8 +350,9 @@ async def test_a_connection_dropped_after_the_job_was_taken_is_retried_and_ends_
     db: Database, backend: ScriptedBackend, start_gateway: StartGateway
 ) -> None:
     await start_gateway()
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, Reply(lose_answer=True), ACCEPT)
+    await new_job(db, job_id=job_id)
 
     await settle(db, job_id)
 
@@ -352,8 +367,9 @@ async def test_a_connection_dropped_before_an_answer_is_retried(
     db: Database, backend: ScriptedBackend, start_gateway: StartGateway
 ) -> None:
     await start_gateway()
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, Reply(drop=True), Reply(drop=True), Reply(drop=True), ACCEPT)
+    await new_job(db, job_id=job_id)
 
     await settle(db, job_id)
 
@@ -434,8 +450,9 @@ async def test_a_retry_pending_at_shutdown_is_delivered_after_a_restart(
     db: Database, backend: ScriptedBackend, start_gateway: StartGateway
 ) -> None:
     first = await start_gateway(delivery_retry_schedule=(3600.0,))
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, status(503), status(503), status(503))
+    await new_job(db, job_id=job_id)
 
     async def rescheduled() -> bool:
         return (await row(db, job_id))["last_error"] == "HTTP 503"
@@ -456,8 +473,9 @@ async def test_shutdown_lets_an_in_flight_send_finish(
     db: Database, backend: ScriptedBackend, start_gateway: StartGateway
 ) -> None:
     client = await start_gateway(backend_timeout_seconds=5.0)
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, Reply(hang=0.5))
+    await new_job(db, job_id=job_id)
 
     async def in_flight() -> bool:
         return len(backend.calls) == 1
@@ -473,8 +491,9 @@ async def test_a_cancel_row_asks_the_backend_to_cancel_under_its_own_id(
     db: Database, backend: ScriptedBackend, start_gateway: StartGateway
 ) -> None:
     await start_gateway()
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, Reply(own_id="backend-42"))
+    await new_job(db, job_id=job_id)
     await settle(db, job_id)
 
     await cancel_job(db, job_id)
@@ -540,8 +559,9 @@ async def test_a_job_cancelled_while_its_delivery_waits_for_a_retry_is_cancelled
     db: Database, backend: ScriptedBackend, start_gateway: StartGateway
 ) -> None:
     await start_gateway(delivery_retry_schedule=(3600.0,))
-    job_id = await new_job(db)
+    job_id = str(uuid.uuid4())
     backend.script(job_id, Reply(lose_answer=True), status(503), status(503))
+    await new_job(db, job_id=job_id)
 
     async def waiting() -> bool:
         return (await row(db, job_id))["last_error"] == "HTTP 503"
@@ -562,8 +582,9 @@ async def test_the_api_key_is_sent_as_a_bearer_token_and_never_logged(
     key = "sk-backend-test-key-0123456789"
     with structlog.testing.capture_logs() as logs:
         client = await start_gateway(backend_api_key=Secret(key))
-        job_id = await new_job(db)
+        job_id = str(uuid.uuid4())
         backend.script(job_id, status(500), ACCEPT)
+        await new_job(db, job_id=job_id)
         await settle(db, job_id)
         await client.close()
 

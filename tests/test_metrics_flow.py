@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.backend import ACCEPT, ScriptedBackend, eventually, status
+from tests.backend import ACCEPT, Call, Reply, ScriptedBackend, eventually, status
 from tests.conftest import WEBHOOK_KEY
 from tests.metrics_helpers import Scrape
 from tests.signing import signed
@@ -32,7 +32,15 @@ async def test_counters_move_by_what_happened(
     aiohttp_client: Client,
     aiohttp_server: Server,
 ) -> None:
-    backend = ScriptedBackend()
+    calls = 0
+
+    def first_call_503(_call: Call) -> Reply:
+        # the default reply, set before the job exists: its commit wakes delivery at once
+        nonlocal calls
+        calls += 1
+        return status(503) if calls == 1 else ACCEPT
+
+    backend = ScriptedBackend(first_call_503)
     url = await backend.start(aiohttp_server)
     client = await aiohttp_client(
         create_app(make_settings(backend_url=url, delivery_retry_schedule=(0.05, 0.1)))
@@ -44,7 +52,6 @@ async def test_counters_move_by_what_happened(
                              headers=bearer(hs256_token("user_a")))
     assert resp.status == 202
     job_id = (await resp.json())["job_id"]
-    backend.script(job_id, status(503), ACCEPT)
 
     async def queued() -> bool:
         r = await client.get(f"/api/images/{job_id}/status",

@@ -20,7 +20,7 @@ from gateway.api.schemas import JobEvent
 from gateway.auth import authenticate
 from gateway.database import get_database
 from gateway.errors import NotFound
-from gateway.events import get_job_events
+from gateway.events import JobEventHub, get_job_events
 from gateway.store import Database, StoreError
 from gateway.store import events as store_events
 from gateway.store import jobs as store_jobs
@@ -54,8 +54,9 @@ class JobEventStream:
         principal = await authenticate(request)
         job_id = request.match_info["id"]
         database = get_database(request.app)
+        hub = get_job_events(request.app)
         # subscribe before reading, so that no change can fall between the read and the wait
-        with get_job_events(request.app).subscribe(job_id) as subscription:
+        with hub.subscribe(job_id) as subscription:
             async with database.connection() as conn:
                 job = await store_jobs.get_owned(conn, job_id, principal.user_id, None)
             if job is None:
@@ -82,14 +83,14 @@ class JobEventStream:
                     finished = job.status.terminal
                 else:
                     last_seen, finished = await self._send_since(
-                        response, database, job, last_seen
+                        response, hub, database, job, last_seen, subscription.generation
                     )
                 while not finished and not subscription.closed:
                     if not await subscription.wait(self.heartbeat_seconds):
                         await response.write(HEARTBEAT)
                         continue
                     last_seen, finished = await self._send_since(
-                        response, database, job, last_seen
+                        response, hub, database, job, last_seen, subscription.generation
                     )
                 await response.write_eof()
             except ConnectionResetError:
@@ -101,16 +102,33 @@ class JobEventStream:
         return response
 
     async def _send_since(
-        self, response: web.StreamResponse, database: Database, job: JobView, seq: int
+        self,
+        response: web.StreamResponse,
+        hub: JobEventHub,
+        database: Database,
+        job: JobView,
+        seq: int,
+        woken: int,
     ) -> tuple[int, bool]:
-        """Write every change after `seq`; return the last seq sent and whether it was final."""
-        async with database.connection() as conn:
-            rows = await store_events.events_after(conn, job.id, seq)
+        """Write every change after `seq`; return the last seq sent and whether it was final.
+
+        The subscribers of the job woken by the same notification share one read and its
+        encoded events (`hub.shared`)."""
+        events = await hub.shared(job.id, seq, woken, lambda: _read_since(database, job, seq))
         finished = False
-        for row in rows:
-            await response.write(format_event(_event(job, row)))
-            seq, finished = row.seq, row.status.terminal
+        for event_seq, terminal, encoded in events:
+            await response.write(encoded)
+            seq, finished = event_seq, terminal
         return seq, finished
+
+
+async def _read_since(
+    database: Database, job: JobView, seq: int
+) -> list[tuple[int, bool, bytes]]:
+    """The job's changes after `seq`, as (seq, terminal, encoded event)."""
+    async with database.connection() as conn:
+        rows = await store_events.events_after(conn, job.id, seq)
+    return [(row.seq, row.status.terminal, format_event(_event(job, row))) for row in rows]
 
 
 def _current(job: JobView) -> JobEvent:

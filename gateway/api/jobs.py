@@ -115,10 +115,9 @@ def generate(kind: Kind) -> Handler:
         )
         # the backend's request body: the client's fields plus our job id and the user
         payload = {**fields, "job_id": new.id, "user_id": principal.user_id}
-        async with get_database(request.app).transaction() as conn:
-            created = await store_jobs.create(conn, new)
-            if created.inserted:
-                await outbox.enqueue(conn, created.id, "generate", payload)
+        # one statement: the job and its outbox row commit together, or neither does
+        async with get_database(request.app).connection() as conn:
+            created = await store_jobs.create(conn, new, "generate", payload)
         if not created.same_request:
             raise Unprocessable(
                 f"{IDEMPOTENCY_HEADER}: already used with a different request",

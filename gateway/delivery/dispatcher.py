@@ -171,7 +171,9 @@ class Dispatcher:
                         rows = await outbox.claim(
                             conn, owner=self.owner, lease_seconds=self.lease_seconds, limit=free
                         )
-                        next_due = None if len(rows) == free else await outbox.next_due_in(conn)
+                        # with rows claimed, their attempts wake this loop again when they
+                        # end; only an empty claim needs to know when the next row is due
+                        next_due = None if rows else await outbox.next_due_in(conn)
                 except StoreError as exc:
                     failures += 1
                     delay = min(self.poll_seconds * failures, 30.0)

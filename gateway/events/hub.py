@@ -2,15 +2,21 @@
 
 One LISTEN connection per process, however many subscribers: a notification
 `<job_id>:<seq>` wakes the subscribers of that job, which then read what changed from
-`job_events` themselves. When the listening connection drops, the hub reconnects and wakes
-every subscriber, so changes committed while nobody was listening are read all the same.
+`job_events`. When the listening connection drops, the hub reconnects and wakes every
+subscriber, so changes committed while nobody was listening are read all the same.
+
+The subscribers of one job, woken by one notification, all ask for the same rows: `shared`
+lets them share one read instead of one query each. A read is shared only with subscribers
+woken no later than it started (the hub counts notifications in `generation`), so a read
+that began before a commit was heard is never taken for one that includes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import structlog
 
@@ -22,16 +28,21 @@ log = structlog.get_logger(__name__)
 
 _LISTENER_ERRORS: tuple[type[BaseException], ...] = (StoreError, *CONNECTION_ERRORS)
 
+T = TypeVar("T")
+
 
 class Subscription:
     """One subscriber's wake-up call for one job; changes coalesce into one wake."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, generation: int = 0) -> None:
         self.job_id = job_id
         self.closed = False
+        # the hub's generation when this subscriber was last woken (or subscribed)
+        self.generation = generation
         self._woken = asyncio.Event()
 
-    def wake(self) -> None:
+    def wake(self, generation: int = 0) -> None:
+        self.generation = max(self.generation, generation)
         self._woken.set()
 
     def close(self) -> None:
@@ -68,6 +79,10 @@ class JobEventHub:
         self._listening = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # notifications heard (and reconnections): orders reads against wake-ups
+        self._generation = 0
+        # (job_id, after seq) -> (generation when the read started, the read)
+        self._reads: dict[tuple[str, int], tuple[int, asyncio.Future[Any]]] = {}
 
     @property
     def listening(self) -> bool:
@@ -95,9 +110,38 @@ class JobEventHub:
                 await self._task
             self._task = None
 
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    async def shared(
+        self, job_id: str, seq: int, woken: int, read: Callable[[], Awaitable[T]]
+    ) -> T:
+        """`read()` (the job's changes after `seq`), or the same read already under way, when
+        that one started at generation `woken` or later: it then sees every commit whose
+        notification woke the caller."""
+        key = (job_id, seq)
+        current = self._reads.get(key)
+        if current is None or current[0] < woken:
+            future: asyncio.Future[Any] = asyncio.ensure_future(read())
+            self._reads[key] = (self._generation, future)
+            future.add_done_callback(lambda done: self._forget(key, done))
+        else:
+            future = current[1]
+        # one caller leaving (its client went away) must not cancel the others' read
+        result: T = await asyncio.shield(future)
+        return result
+
+    def _forget(self, key: tuple[str, int], done: asyncio.Future[Any]) -> None:
+        current = self._reads.get(key)
+        if current is not None and current[1] is done:
+            del self._reads[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller that still waits gets it raised
+
     @contextlib.contextmanager
     def subscribe(self, job_id: str) -> Iterator[Subscription]:
-        subscription = Subscription(job_id)
+        subscription = Subscription(job_id, self._generation)
         if self._closing:
             subscription.close()
         self._subscribers.setdefault(job_id, set()).add(subscription)
@@ -116,13 +160,15 @@ class JobEventHub:
 
     def _on_payload(self, payload: str) -> None:
         job_id, _, _seq = payload.rpartition(":")
+        self._generation += 1
         for subscription in self._subscribers.get(job_id, ()):
-            subscription.wake()
+            subscription.wake(self._generation)
 
     def _wake_all(self) -> None:
+        self._generation += 1
         for subscribers in self._subscribers.values():
             for subscription in subscribers:
-                subscription.wake()
+                subscription.wake(self._generation)
 
     async def _run(self) -> None:
         delay = self._reconnect_delay

@@ -165,6 +165,57 @@ ON CONFLICT ON CONSTRAINT notifications_once DO NOTHING
 RETURNING id, job_id, type
 """
 
+# The job's new state and its event row: the common table expressions of both statements
+# below, which add the NOTIFY (and, when the job finishes, its files and notification). A
+# fragment, not a statement: lower case keeps it out of the statements checked against the
+# schema.
+_apply_ctes = """
+updated AS (
+    UPDATE jobs SET
+        status = $2,
+        progress = $3,
+        message = COALESCE($4, message),
+        error_message = COALESCE($5, error_message),
+        model_name = COALESCE($6, model_name),
+        generation_time_seconds = COALESCE($7, generation_time_seconds),
+        first_webhook_at = CASE WHEN $8 THEN COALESCE(first_webhook_at, now())
+                                ELSE first_webhook_at END,
+        finished_at = CASE WHEN $9 THEN now() ELSE finished_at END,
+        seq = seq + 1,
+        updated_at = now()
+    WHERE id = $1
+    RETURNING id, seq, status, progress, message
+), event AS (
+    INSERT INTO job_events (job_id, seq, status, progress, message, source)
+    SELECT id, seq, status, progress, message, $10 FROM updated
+)"""
+
+APPLY = "WITH " + _apply_ctes + """
+SELECT seq, pg_notify('sorami_job_events', id || ':' || seq) FROM updated
+"""
+
+# A terminal transition in the same single statement: the files ($11-$20, one array per
+# column, empty for none) and the owner's notification ($21-$25; none when $22, its type,
+# is NULL), each made once by its constraint however often the event is delivered.
+APPLY_FINISHED = "WITH " + _apply_ctes + """, files AS (
+    INSERT INTO job_files (job_id, position, url, storage_key, filename, format, size_bytes,
+                           width, height, duration_seconds, description)
+    SELECT updated.id, f.*
+    FROM updated, unnest($11::smallint[], $12::text[], $13::text[], $14::text[], $15::text[],
+                         $16::bigint[], $17::int[], $18::int[], $19::float8[],
+                         $20::text[]) AS f
+    ON CONFLICT (job_id, position) DO NOTHING
+), notification AS (
+    INSERT INTO notifications (user_id, job_id, type, title, message, metadata)
+    SELECT $21, updated.id, $22::text, $23, $24, $25 FROM updated WHERE $22::text IS NOT NULL
+    ON CONFLICT ON CONSTRAINT notifications_once DO NOTHING
+    RETURNING id
+)
+SELECT seq, pg_notify('sorami_job_events', id || ':' || seq),
+       (SELECT id FROM notification) AS notification_id
+FROM updated
+"""
+
 
 async def lock(conn: asyncpg.Connection, job_id: str) -> LockedJob | None:
     """Lock a job by our id (delivery, cancel, timeouts)."""
@@ -194,9 +245,60 @@ async def lock_for_backend_id(
 
 
 async def apply(conn: asyncpg.Connection, job: LockedJob, update: JobUpdate) -> Applied:
-    """Apply one event to a locked job; the caller owns the transaction."""
-    (replayed,) = await apply_many(conn, [(job, (update,))])
-    return replayed.applied[0]
+    """Apply one event to a locked job; the caller owns the transaction. One statement:
+    the webhook hot path. `apply_many` writes the same rows for batches (a test compares)."""
+    step = transition(job.state, update.event)
+    if not step.applied:
+        return Applied(step, job.seq)
+    new = step.state
+    args = (
+        job.id,
+        new.status.value,
+        new.progress,
+        update.message,
+        update.error_message if new.status is Status.FAILED else None,
+        update.model_name,
+        update.generation_time_seconds,
+        update.from_webhook,
+        step.finished,
+        update.source,
+    )
+    if not step.finished:
+        seq = await conn.fetchval(APPLY, *args)
+        return Applied(step, seq)
+    files = update.files if new.status is Status.COMPLETED else ()
+    note = owner_notification(job, new.status, update)
+    row = await conn.fetchrow(
+        APPLY_FINISHED,
+        *args,
+        *_file_columns(files),
+        job.user_id,
+        *((note.type, note.title, note.message, note.metadata) if note is not None
+          else (None, None, None, None)),
+    )
+    assert row is not None, "the locked job disappeared"
+    return Applied(step, row["seq"], row["notification_id"])
+
+
+def _file_columns(files: Sequence[FileRecord]) -> list[list[Any]]:
+    """The files as one list per column, positions first (unnest makes rows of them)."""
+    columns: list[list[Any]] = [[] for _ in range(10)]
+    for position, f in enumerate(files):
+        values = (
+            position,
+            f.url,
+            f.storage_key,
+            f.filename,
+            f.format,
+            f.size_bytes,
+            f.width,
+            f.height,
+            f.duration_seconds,
+            f.description,
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -320,7 +422,7 @@ def owner_notification(
     One notification per job and terminal type: the constraint makes repeats no-ops.
     """
     if status not in _TITLES:
-        return None  # the user cancelled it themselves
+        return None
     noun = "Images" if job.kind is Kind.IMAGE else "Videos"
     if status is Status.COMPLETED:
         count = len(update.files)
@@ -366,13 +468,24 @@ class Created:
     same_request: bool = True
 
 
-# The unique index jobs_idempotency decides between concurrent creates with one key.
-INSERT_JOB = """
-INSERT INTO jobs (id, kind, user_id, org_id, prompt, prompt_norm, params, message,
-                  idempotency_key, request_hash)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-ON CONFLICT (user_id, kind, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING id, status, message, created_at
+# The job and its first outbox row (with the dispatcher's wake-up) in one statement, so one
+# round trip commits both or neither. The unique index jobs_idempotency decides between
+# concurrent creates with one key: the loser inserts nothing, neither job nor outbox row.
+CREATE_AND_ENQUEUE = """
+WITH job AS (
+    INSERT INTO jobs (id, kind, user_id, org_id, prompt, prompt_norm, params, message,
+                      idempotency_key, request_hash)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    ON CONFLICT (user_id, kind, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, status, message, created_at
+), delivery AS (
+    INSERT INTO outbox (job_id, action, payload)
+    SELECT id, $11, $12 FROM job
+    RETURNING id
+)
+SELECT job.id, job.status, job.message, job.created_at,
+       pg_notify('sorami_outbox', delivery.id::text)
+FROM job, delivery
 """
 
 FIND_BY_IDEMPOTENCY_KEY = """
@@ -382,10 +495,13 @@ WHERE user_id = $1 AND kind = $2 AND idempotency_key = $3
 """
 
 
-async def create(conn: asyncpg.Connection, new: NewJob) -> Created:
-    """Insert a job, or find the one its Idempotency-Key already made; the caller's transaction."""
+async def create(
+    conn: asyncpg.Connection, new: NewJob, action: str, payload: dict[str, Any]
+) -> Created:
+    """Insert a job with its outbox row (`action`, `payload`) in one statement (its own
+    transaction, or the caller's), or find the job its Idempotency-Key already made."""
     row = await conn.fetchrow(
-        INSERT_JOB,
+        CREATE_AND_ENQUEUE,
         new.id,
         new.kind.value,
         new.user_id,
@@ -396,6 +512,8 @@ async def create(conn: asyncpg.Connection, new: NewJob) -> Created:
         new.message,
         new.idempotency_key,
         new.request_hash,
+        action,
+        payload,
     )
     if row is not None:
         return Created(row["id"], Status(row["status"]), row["message"], row["created_at"], True)
