@@ -8,10 +8,11 @@ after its progress, and never before the progress is answered (as the backend se
 so nothing is stale: the database must then hold exactly
 W completed jobs, 2W events, 2W files, W notifications, 2W dedupe rows.
 
-pgbench runs the same statements per webhook (BEGIN; CLAIM_AND_LOCK; APPLY, or on completion
-APPLY_FINISHED with the files and the owner's notification; COMMIT), in the same mix: per
-client, per 5 transactions, progress and completion of one job, the same of another, and a
-duplicate of the last completion (its key claimed already: CLAIM_AND_LOCK only).
+pgbench runs the same statements per webhook (PEEK, which reads the job and whether the key is
+taken, then CLAIM_AND_APPLY, or on completion CLAIM_AND_APPLY_FINISHED with the files and the
+owner's notification: each statement its own transaction, as in the gateway), in the same
+mix: per client, per 5 webhooks, progress and completion of one job, the same of another, and
+a duplicate of the last completion (its key taken already: PEEK only).
 """
 
 from __future__ import annotations
@@ -178,10 +179,17 @@ def _array(values: list[Any]) -> str:
 
 
 def pgbench_script() -> str:
-    claim = {1: ":job", 2: ":kind", 3: ":key"}
-    apply_common = {1: ":job", 5: "NULL", 8: ":from_webhook", 10: ":source"}
+    peek = pgbench.bind(store_webhooks.PEEK, {1: ":job", 2: ":kind", 3: ":key"})
+    # the job's columns as pgbench variables (seq among them), as the gateway reads them
+    peek = peek.removesuffix(";") + r" \gset j_"
+    guard = {1: ":job", 5: "NULL", 8: ":from_webhook", 10: ":source"}
+
+    def claim(first: int, event: str) -> dict[int, str]:
+        return {first: ":j_seq", first + 1: ":key", first + 2: ":kind", first + 3: ":job",
+                first + 4: event}
+
     return "\n".join([
-        "-- one webhook per transaction; n counts this client's transactions",
+        "-- one webhook per script; n counts this client's webhooks",
         r"\set t :n % 5",
         r"\set g :n / 5",
         r"\set job :jobbase + 2 * (:g * :clients + :client_id)",
@@ -189,28 +197,26 @@ def pgbench_script() -> str:
         r"\if :t >= 2",
         r"\set job :job + 1",
         r"\endif",
-        "BEGIN;",
         r"\if :t = 4",
-        "-- a duplicate of the completion just before: the key is taken",
+        "-- a duplicate of the completion just before: the key is taken, seen by the read",
         r"\set key :key - 1",
-        pgbench.bind(store_webhooks.CLAIM_AND_LOCK, {**claim, 4: ":c_event"}),
+        peek,
         r"\elif :t % 2 = 0",
         "-- progress",
-        pgbench.bind(store_webhooks.CLAIM_AND_LOCK, {**claim, 4: ":p_event"}),
-        pgbench.bind(store_jobs.APPLY, {**apply_common, 2: ":p_status", 3: ":p_progress",
-                                        4: ":p_message", 6: "NULL", 7: "NULL",
-                                        9: ":p_finished"}),
+        peek,
+        pgbench.bind(store_webhooks.CLAIM_AND_APPLY, {
+            **guard, 2: ":p_status", 3: ":p_progress", 4: ":p_message", 6: "NULL", 7: "NULL",
+            9: ":p_finished", **claim(store_jobs.APPLY_PARAMETERS + 1, ":p_event")}),
         r"\else",
         "-- completion with its files and the owner's notification",
-        pgbench.bind(store_webhooks.CLAIM_AND_LOCK, {**claim, 4: ":c_event"}),
-        pgbench.bind(store_jobs.APPLY_FINISHED, {
-            **apply_common, 2: ":c_status", 3: ":c_progress", 4: ":c_message", 6: ":c_model",
+        peek,
+        pgbench.bind(store_webhooks.CLAIM_AND_APPLY_FINISHED, {
+            **guard, 2: ":c_status", 3: ":c_progress", 4: ":c_message", 6: ":c_model",
             7: ":c_seconds", 9: ":c_finished",
             **{n: f":f{n - 9}" for n in range(11, 21)},
             21: ":user", 22: ":n_type", 23: ":n_title", 24: ":n_message", 25: ":n_metadata",
-        }),
+            **claim(store_jobs.APPLY_FINISHED_PARAMETERS + 1, ":c_event")}),
         r"\endif",
-        "COMMIT;",
         r"\set n :n + 1",
         "",
     ])

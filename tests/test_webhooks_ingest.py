@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
@@ -13,9 +14,10 @@ from prometheus_client import REGISTRY
 
 from gateway.jobs.kinds import Kind
 from gateway.jobs.prompts import fingerprint, normalize
-from gateway.jobs.state import Status
+from gateway.jobs.state import Event, Status
 from gateway.store import Database, orphans
 from gateway.store import jobs as store_jobs
+from gateway.store.jobs import JobUpdate
 from tests.conftest import WEBHOOK_KEY, WEBHOOK_SECRET
 from tests.factories import insert_job
 from tests.signing import signed
@@ -362,3 +364,83 @@ async def test_both_routes_answer(client: Client, db: Database, kind: Kind) -> N
     job_id = await insert_job(db, kind=kind)
     assert await deliver(client, progress(job_id, "initializing", 25), "msg_1", kind) == (
         200, {"outcome": "applied"})
+
+
+# --- the two-round-trip path: a job that changes between the read and the write ---------------
+
+
+async def _waiting_on_a_lock(db: Database, deadline: float = 10.0) -> None:
+    """Until some other session of this database waits for a row lock."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + deadline
+    while loop.time() < until:
+        waiting = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'")
+        if waiting:
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError("no session waited for a lock")
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "expected"),
+    [
+        # the job moved on, yet the delivery still moves it: applied after the other change
+        (Event(Status.GENERATING, 30), ("applied", "GENERATING", 50, 3)),
+        # the job finished meanwhile: the delivery is now stale, and recorded as such
+        (Event(Status.FAILED), ("stale", "FAILED", 0, 2)),
+    ],
+)
+async def test_a_job_changed_after_it_was_read_is_decided_again_under_its_lock(
+    client: Client, db: Database, meanwhile: Event, expected: tuple[str, str, int, int]
+) -> None:
+    job_id = await insert_job(db)
+    async with db.transaction() as conn:
+        # hold the job's row: the delivery reads the job (seq 1), then waits for the lock
+        locked = await store_jobs.lock(conn, job_id)
+        assert locked is not None
+        assert locked.seq == 1
+        sending = asyncio.create_task(deliver(client, progress(job_id, "generating", 50), "m"))
+        await _waiting_on_a_lock(db)
+        await store_jobs.apply(conn, locked, JobUpdate(meanwhile, source="test"))
+    status, answer = await asyncio.wait_for(sending, 10)
+    outcome, job_status, job_progress, seq = expected
+    assert (status, answer) == (200, {"outcome": outcome})
+    job = await job_row(db, job_id)
+    assert (job["status"], job["progress"], job["seq"]) == (job_status, job_progress, seq)
+    assert await db.fetchval("SELECT outcome FROM webhook_deliveries") == outcome
+    assert await db.fetchval("SELECT count(*) FROM job_events WHERE job_id = $1", job_id) == seq - 1
+
+
+async def test_the_guarded_statement_writes_nothing_when_the_seq_moved_or_the_key_is_taken(
+    db: Database,
+) -> None:
+    from gateway.jobs.state import transition
+    from gateway.store import webhooks as store_webhooks
+
+    job_id = await insert_job(db)
+    async with db.transaction() as conn:
+        job = await store_jobs.lock(conn, job_id)
+    assert job is not None
+    update = JobUpdate(Event(Status.GENERATING, 40), source="webhook", from_webhook=True)
+    args = store_jobs.apply_arguments(job, update, transition(job.state, update.event))
+
+    async def run(seq: int, key: str) -> Any:
+        return await db.fetchrow(store_webhooks.CLAIM_AND_APPLY, *args, seq, key, "image",
+                                 job_id, "generating")
+
+    before = await job_row(db, job_id)
+    moved = await run(job.seq + 1, "id:a")
+    assert (moved["locked"], moved["claimed"], moved["seq"]) == (False, False, None)
+    await db.execute("INSERT INTO webhook_deliveries (dedupe_key, kind, backend_job_id,"
+                     " job_id, event_status, outcome) VALUES ('id:b', 'image', $1, $1,"
+                     " 'generating', 'applied')", job_id)
+    taken = await run(job.seq, "id:b")
+    assert (taken["locked"], taken["claimed"], taken["seq"]) == (True, False, None)
+    assert dict(await job_row(db, job_id)) == dict(before)
+    assert await db.fetchval("SELECT count(*) FROM job_events") == 0
+    assert await db.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
+    done = await run(job.seq, "id:c")
+    assert (done["locked"], done["claimed"], done["seq"]) == (True, True, job.seq + 1)
+    assert (await job_row(db, job_id))["progress"] == 40

@@ -93,7 +93,7 @@ SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.id = $1 FOR UPDATE
 """
 
 # Our own id first, else an alias the backend's answer or the reconciler recorded.
-LOCK_BY_BACKEND_ID = f"""
+BY_BACKEND_ID = f"""
 SELECT {_JOB_COLUMNS}
 FROM jobs j
 WHERE j.kind = $2
@@ -101,8 +101,9 @@ WHERE j.kind = $2
                             WHERE a.kind = $2 AND a.backend_job_id = $1))
 ORDER BY j.id = $1 DESC
 LIMIT 1
-FOR UPDATE OF j
 """
+
+LOCK_BY_BACKEND_ID = BY_BACKEND_ID + "FOR UPDATE OF j\n"
 
 # Every job of a batch that changed: its final row, its event rows (consecutive seqs), and
 # one NOTIFY per job (listeners re-read job_events after the seq they have). The event rows
@@ -166,10 +167,11 @@ RETURNING id, job_id, type
 """
 
 # The job's new state and its event row: the common table expressions of both statements
-# below, which add the NOTIFY (and, when the job finishes, its files and notification). A
-# fragment, not a statement: lower case keeps it out of the statements checked against the
-# schema.
-_apply_ctes = """
+# below, which add the NOTIFY (and, when the job finishes, its files and notification).
+# `guard` narrows the UPDATE (see `guarded`). A fragment, not a statement: lower case keeps
+# it out of the statements checked against the schema.
+def _apply_ctes(guard: str = "") -> str:
+    return f"""
 updated AS (
     UPDATE jobs SET
         status = $2,
@@ -183,21 +185,18 @@ updated AS (
         finished_at = CASE WHEN $9 THEN now() ELSE finished_at END,
         seq = seq + 1,
         updated_at = now()
-    WHERE id = $1
+    WHERE id = $1{guard}
     RETURNING id, seq, status, progress, message
 ), event AS (
     INSERT INTO job_events (job_id, seq, status, progress, message, source)
     SELECT id, seq, status, progress, message, $10 FROM updated
 )"""
 
-APPLY = "WITH " + _apply_ctes + """
-SELECT seq, pg_notify('sorami_job_events', id || ':' || seq) FROM updated
-"""
 
-# A terminal transition in the same single statement: the files ($11-$20, one array per
-# column, empty for none) and the owner's notification ($21-$25; none when $22, its type,
-# is NULL), each made once by its constraint however often the event is delivered.
-APPLY_FINISHED = "WITH " + _apply_ctes + """, files AS (
+# A terminal transition's files ($11-$20, one array per column, empty for none) and the
+# owner's notification ($21-$25; none when $22, its type, is NULL), each made once by its
+# constraint however often the event is delivered.
+_finished_ctes = """, files AS (
     INSERT INTO job_files (job_id, position, url, storage_key, filename, format, size_bytes,
                            width, height, duration_seconds, description)
     SELECT updated.id, f.*
@@ -210,11 +209,69 @@ APPLY_FINISHED = "WITH " + _apply_ctes + """, files AS (
     SELECT $21, updated.id, $22::text, $23, $24, $25 FROM updated WHERE $22::text IS NOT NULL
     ON CONFLICT ON CONSTRAINT notifications_once DO NOTHING
     RETURNING id
-)
-SELECT seq, pg_notify('sorami_job_events', id || ':' || seq),
-       (SELECT id FROM notification) AS notification_id
+)"""
+
+_notify = "pg_notify('sorami_job_events', id || ':' || seq)"
+
+APPLY = "WITH " + _apply_ctes() + f"""
+SELECT seq, {_notify} FROM updated
+"""
+
+# A terminal transition in the same single statement, with its files and notification.
+APPLY_FINISHED = "WITH " + _apply_ctes() + _finished_ctes + f"""
+SELECT seq, {_notify}, (SELECT id FROM notification) AS notification_id
 FROM updated
 """
+
+# The number of parameters of APPLY and APPLY_FINISHED (`guarded` numbers its own after).
+APPLY_PARAMETERS = 10
+APPLY_FINISHED_PARAMETERS = 25
+
+
+def guarded(finished: bool, ctes: str, guard: str, columns: str = "") -> str:
+    """APPLY (or APPLY_FINISHED) after the caller's common table expressions `ctes`, writing
+    only when `guard` (a condition on them) holds. Always one row: the caller's `columns`,
+    then `seq` and `notification_id`, NULL when nothing was written. The caller's parameters
+    are numbered after APPLY's own."""
+    notification = "(SELECT id FROM notification)" if finished else "NULL::bigint"
+    return (
+        "WITH " + ctes + "," + _apply_ctes(f" AND {guard}")
+        + (_finished_ctes if finished else "")
+        + f"""
+SELECT {columns}(SELECT seq FROM updated) AS seq,
+       (SELECT {_notify} FROM updated) AS notified,
+       {notification} AS notification_id
+"""
+    )
+
+
+def apply_arguments(job: LockedJob, update: JobUpdate, step: Transition) -> tuple[Any, ...]:
+    """The parameters of APPLY, or of APPLY_FINISHED when `step` finishes the job, for an
+    applied step."""
+    new = step.state
+    args: tuple[Any, ...] = (
+        job.id,
+        new.status.value,
+        new.progress,
+        update.message,
+        update.error_message if new.status is Status.FAILED else None,
+        update.model_name,
+        update.generation_time_seconds,
+        update.from_webhook,
+        step.finished,
+        update.source,
+    )
+    if not step.finished:
+        return args
+    files = update.files if new.status is Status.COMPLETED else ()
+    note = owner_notification(job, new.status, update)
+    return (
+        *args,
+        *_file_columns(files),
+        job.user_id,
+        *((note.type, note.title, note.message, note.metadata) if note is not None
+          else (None, None, None, None)),
+    )
 
 
 async def lock(conn: asyncpg.Connection, job_id: str) -> LockedJob | None:
@@ -250,32 +307,11 @@ async def apply(conn: asyncpg.Connection, job: LockedJob, update: JobUpdate) -> 
     step = transition(job.state, update.event)
     if not step.applied:
         return Applied(step, job.seq)
-    new = step.state
-    args = (
-        job.id,
-        new.status.value,
-        new.progress,
-        update.message,
-        update.error_message if new.status is Status.FAILED else None,
-        update.model_name,
-        update.generation_time_seconds,
-        update.from_webhook,
-        step.finished,
-        update.source,
-    )
+    args = apply_arguments(job, update, step)
     if not step.finished:
         seq = await conn.fetchval(APPLY, *args)
         return Applied(step, seq)
-    files = update.files if new.status is Status.COMPLETED else ()
-    note = owner_notification(job, new.status, update)
-    row = await conn.fetchrow(
-        APPLY_FINISHED,
-        *args,
-        *_file_columns(files),
-        job.user_id,
-        *((note.type, note.title, note.message, note.metadata) if note is not None
-          else (None, None, None, None)),
-    )
+    row = await conn.fetchrow(APPLY_FINISHED, *args)
     assert row is not None, "the locked job disappeared"
     return Applied(step, row["seq"], row["notification_id"])
 

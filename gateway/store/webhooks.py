@@ -4,12 +4,18 @@ The delivery's dedupe key is claimed with `INSERT ... ON CONFLICT DO NOTHING` in
 transaction as the effect, so a delivery seen before (committed) is a duplicate and changes
 nothing, and one rolled back leaves no trace to be mistaken for one.
 
-The hot path (a job we know) costs four round trips: BEGIN, one statement that locks the
-job's row and claims the key, `jobs.apply`, COMMIT. Locking the row first makes deliveries
-for one job queue behind each other (a repeated delivery then finds the key committed),
-while different jobs proceed in parallel. The claim is written as `applied` and corrected
-to `stale` in the same transaction when the state machine says so, which only costs a round
-trip on that rarer path.
+The hot path (a job we know, an event that moves it) costs two round trips and no explicit
+transaction: `PEEK` reads the job and whether the key is taken; the state machine decides
+from what was read; then one statement (`claim_and_apply`) locks the job's row only if its
+`seq` is still the one read, claims the key, and writes the effect only if the claim
+succeeded. One statement is one transaction, so the claim and the effect commit together
+or not at all. A key already taken is a duplicate at once (one round trip). Anything else,
+a job changed between the two looks, a stale event, an alias or an orphan, takes the
+locked path inside a transaction: the job's row lock and the claim in one statement
+(`CLAIM_AND_LOCK`), then `jobs.apply`. The claim is written as `applied` and corrected to
+`stale` in the same transaction when the state machine says so. Locking the row first
+makes deliveries for one job queue behind each other (a repeated delivery then finds the
+key committed), while different jobs proceed in parallel.
 
 An id that is neither a job nor a known alias follows the protocol of
 `orphans.lock_backend_id`: take the backend id's lock, look again, and only then claim the
@@ -28,6 +34,7 @@ import msgspec
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import WebhookPayload
 from gateway.jobs.prompts import normalize
+from gateway.jobs.state import transition
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
 from gateway.store.jobs import Applied, LockedJob
@@ -87,10 +94,75 @@ UPDATE webhook_deliveries SET outcome = 'stale' WHERE dedupe_key = $1
 """
 
 
+# The job the payload names, unlocked, and whether the delivery's key is taken already.
+PEEK = f"""
+SELECT job.*, EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.dedupe_key = $3) AS seen
+FROM ({store_jobs.BY_BACKEND_ID}) AS job
+"""
+
+
+def _claim_then_apply(finished: bool) -> str:
+    """`jobs.apply`'s statement behind a lock on the job at the `seq` PEEK read and the
+    delivery's claim; it writes only when both hold, and says which did not."""
+    first = (store_jobs.APPLY_FINISHED_PARAMETERS if finished
+             else store_jobs.APPLY_PARAMETERS) + 1
+    seq, key, kind, backend_id, status = (f"${n}" for n in range(first, first + 5))
+    ctes = f"""
+job AS (
+    SELECT id FROM jobs WHERE id = $1 AND seq = {seq} FOR UPDATE
+), claim AS (
+    INSERT INTO webhook_deliveries (dedupe_key, kind, backend_job_id, job_id, event_status,
+                                    outcome)
+    SELECT {key}, {kind}, {backend_id}, job.id, {status}, 'applied' FROM job
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING dedupe_key
+), flags AS (
+    SELECT EXISTS (SELECT 1 FROM job) AS locked, EXISTS (SELECT 1 FROM claim) AS claimed
+)"""
+    return store_jobs.guarded(
+        finished,
+        ctes,
+        guard="(SELECT claimed FROM flags)",
+        columns="(SELECT locked FROM flags) AS locked, (SELECT claimed FROM flags) AS claimed, ",
+    )
+
+
+CLAIM_AND_APPLY = _claim_then_apply(finished=False)
+CLAIM_AND_APPLY_FINISHED = _claim_then_apply(finished=True)
+
+
 async def ingest(conn: asyncpg.Connection, delivery: Delivery) -> Ingested:
-    """Dedupe and apply one delivery inside the caller's transaction."""
+    """Dedupe and apply one delivery. Outside a transaction, each statement commits on its
+    own; inside the caller's, everything commits with it."""
     kind, payload = delivery.kind, delivery.payload
     status = event_status(payload)
+    row = await conn.fetchrow(PEEK, payload.job_id, kind.value, delivery.dedupe_key)
+    if row is not None:
+        job = LockedJob.from_record(row)
+        if row["seen"]:
+            return Ingested(Outcome.DUPLICATE, job)
+        update = payload.to_update(kind)
+        step = transition(job.state, update.event)
+        if step.applied:
+            args = store_jobs.apply_arguments(job, update, step)
+            done = await conn.fetchrow(
+                CLAIM_AND_APPLY_FINISHED if step.finished else CLAIM_AND_APPLY,
+                *args, job.seq, delivery.dedupe_key, kind.value, payload.job_id, status,
+            )
+            assert done is not None
+            if done["claimed"]:
+                return Ingested(
+                    Outcome.APPLIED, job, Applied(step, done["seq"], done["notification_id"])
+                )
+            if done["locked"]:
+                return Ingested(Outcome.DUPLICATE, job)
+            # the job changed since PEEK read it: decide again, under its lock
+    async with conn.transaction():
+        return await _ingest_locked(conn, delivery, status)
+
+
+async def _ingest_locked(conn: asyncpg.Connection, delivery: Delivery, status: str) -> Ingested:
+    kind, payload = delivery.kind, delivery.payload
     row = await conn.fetchrow(
         CLAIM_AND_LOCK, payload.job_id, kind.value, delivery.dedupe_key, status
     )

@@ -122,7 +122,7 @@ async def receive(request: web.Request, kind: Kind) -> web.Response:
 
     payload = _decode(body, kind, verified, counters)
     delivery = Delivery(kind, _dedupe_key(kind, verified, body), payload, body)
-    async with get_database(request.app).transaction() as conn:
+    async with get_database(request.app).connection() as conn:
         result = await store_webhooks.ingest(conn, delivery)
     # committed: from here on, only bookkeeping
     counters.outcomes[result.outcome].inc()
