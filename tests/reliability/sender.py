@@ -15,7 +15,7 @@ import signal
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -163,6 +163,14 @@ class Sender:
         self.latencies: list[float] = []  # seconds of every try that got an HTTP answer
         self.in_flight: Counter[int] = Counter()  # by port
         self.answered: Counter[int] = Counter()  # 2xx by port
+        self._changed = asyncio.Event()  # set whenever a try starts or ends
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float) -> None:
+        """Until `condition` (of the counters above) holds; TimeoutError after `timeout`."""
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
 
     async def send(self, webhook: Webhook, target: int) -> Answer:
         """Deliver `webhook`, first to process `target` (an index into the ports)."""
@@ -193,6 +201,7 @@ class Sender:
         headers = sign(webhook.body, WEBHOOK_KEY, webhook.msg_id, int(time.time()))
         url = f"http://127.0.0.1:{port}{webhook.route}"
         self.in_flight[port] += 1
+        self._changed.set()
         began = time.perf_counter()
         try:
             async with self.session.post(url, data=webhook.body, headers=headers,
@@ -203,6 +212,7 @@ class Sender:
             return None, None, f"{port}: {type(exc).__name__}"
         finally:
             self.in_flight[port] -= 1
+            self._changed.set()
         self.latencies.append(time.perf_counter() - began)
         self.statuses[resp.status] += 1
         if not 200 <= resp.status < 300:
@@ -220,7 +230,9 @@ class Sender:
 
 
 class Gateways:
-    """Independent `serve` processes on ports of their own, sharing one database."""
+    """Independent `serve` processes on ports of their own, sharing one database. They log
+    at warning: an error (and any traceback) still shows, while the two info lines of each
+    of thousands of requests are not piped through this process, which is also the sender."""
 
     def __init__(self, database_url: str, count: int) -> None:
         self.env = clean_env(
