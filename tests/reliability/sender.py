@@ -246,6 +246,7 @@ class Gateways:
         self.ports = [free_port() for _ in range(count)]
         self.procs: list[Proc | None] = [None] * count
         self.killed: list[Proc] = []
+        self.peak_rss_mb: list[float] = []  # of each process that was stopped, not killed
 
     def _start(self, index: int) -> Proc:
         proc = start(["serve", "--no-migrate"], {**self.env, "PORT": str(self.ports[index])})
@@ -277,7 +278,21 @@ class Gateways:
 
     def stop_all(self) -> list[tuple[int, str]]:
         """SIGTERM every live process; (exit code, stderr) of each."""
-        results = [proc.stop() for proc in self.procs if proc is not None]
+        live = [proc for proc in self.procs if proc is not None]
+        self.peak_rss_mb = [peak for proc in live if (peak := _peak_rss_mb(proc)) is not None]
+        results = [proc.stop() for proc in live]
         for proc in self.killed:
             proc.stop()  # reaps it and closes its stderr
         return results
+
+
+def _peak_rss_mb(proc: Proc) -> float | None:
+    """The process's peak resident set (Linux VmHWM), while it runs."""
+    try:
+        with open(f"/proc/{proc.popen.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

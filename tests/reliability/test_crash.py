@@ -124,6 +124,7 @@ async def test_sigkill_one_process_5_times_during_2000_webhooks_every_one_has_on
     figures["dedupe rows"] = sum(dedupe.values())
     figures["answered 2xx but missing"] = missing
     figures["lost"] = lost
+    figures["gateway peak RSS MB (max)"] = max(gateways.peak_rss_mb, default=0.0)
     figures["wall time s"] = wall
     figures["rate webhooks/s"] = WEBHOOKS / wall
     figures["latency per try p50 ms"] = sender.percentile_ms(0.5)

@@ -119,6 +119,7 @@ async def test_three_processes_50_senders_10000_webhooks_30_percent_duplicates(
     figures["notifications"] = notifications
     figures["lost"] = lost
     figures["answers by process"] = ", ".join(str(sender.answered[p]) for p in gateways.ports)
+    figures["gateway peak RSS MB (max)"] = max(gateways.peak_rss_mb, default=0.0)
     figures["wall time s"] = wall
     figures["rate webhooks/s"] = len(answers) / wall
     figures["latency p50 ms"] = sender.percentile_ms(0.5)
