@@ -629,3 +629,43 @@ async def test_the_listener_reconnects_after_losing_its_connection(
     job_id = await new_job(db)
     await settle(db, job_id)
     assert (await job(db, job_id))["status"] == "QUEUED"
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "final"),
+    [
+        # already generating when the answer comes (the claim read it pending): the answer
+        # settles the row and the job stays where the webhook put it
+        (Event(Status.GENERATING, 40), ("GENERATING", 40, 2)),
+        # timed out meanwhile: settled, and the job stays timed out
+        (Event(Status.TIMED_OUT), ("TIMED_OUT", 0, 2)),
+    ],
+)
+async def test_an_answer_recorded_after_the_job_moved_is_decided_under_its_lock(
+    db: Database, backend: ScriptedBackend, start_gateway: StartGateway,
+    meanwhile: Event, final: tuple[str, int, int],
+) -> None:
+    await start_gateway()
+    job_id = str(uuid.uuid4())
+    backend.script(job_id, Reply(hang=0.3))
+    await new_job(db, job_id=job_id)
+    await eventually(lambda: _called(backend, job_id))
+    # the claim read the job at seq 1; it moves before the answer is recorded
+    async with db.transaction() as conn:
+        locked = await store_jobs.lock(conn, job_id)
+        assert locked is not None
+        await store_jobs.apply(conn, locked, store_jobs.JobUpdate(
+            event=meanwhile, source="webhook", message="moved", from_webhook=True))
+
+    settled = await settle(db, job_id)
+
+    assert settled["delivered_at"] is not None
+    now = await job(db, job_id)
+    assert (now["status"], now["progress"], now["seq"]) == final
+    events = await db.fetch("SELECT seq, status FROM job_events WHERE job_id = $1 ORDER BY seq",
+                            job_id)
+    assert [e["seq"] for e in events] == list(range(2, final[2] + 1))
+
+
+async def _called(backend: ScriptedBackend, job_id: str) -> bool:
+    return bool(backend.calls_for(job_id))

@@ -60,6 +60,10 @@ MAX_RETRY_AFTER: Final = 86_400.0
 POLL_SECONDS: Final = 2.0
 MIN_SLEEP: Final = 0.02
 MAX_IN_FLIGHT: Final = 16
+# what an accepted generate does to its job
+_ACCEPTED: Final = JobUpdate(
+    event=Event(Status.QUEUED), source="delivery", message="Accepted by the generator backend"
+)
 
 _T = TypeVar("_T")
 
@@ -360,21 +364,19 @@ class _Attempt:
         """One transaction: the row settled, the job QUEUED, the backend's id attached."""
         row = self.row
         replayed: Attached | None = None
+        if row.action == "generate" and backend_id is None:
+            # the common case, in one statement when the job did not move since the claim
+            async with self.d.database.connection() as conn:
+                done = await outbox.delivered_and_apply(conn, row, _ACCEPTED)
+            if done is not None:
+                return done is not False, None
         async with self.d.database.transaction() as conn:
             job = await store_jobs.lock(conn, row.job_id) if row.action == "generate" else None
             if not await outbox.mark_delivered(conn, row.id):
                 return False, None
             if job is None:
                 return True, None
-            applied = await store_jobs.apply(
-                conn,
-                job,
-                JobUpdate(
-                    event=Event(Status.QUEUED),
-                    source="delivery",
-                    message="Accepted by the generator backend",
-                ),
-            )
+            applied = await store_jobs.apply(conn, job, _ACCEPTED)
             job = dataclasses.replace(job, state=applied.transition.state, seq=applied.seq)
             if backend_id is None:
                 return True, None

@@ -22,11 +22,12 @@ import asyncpg
 import structlog
 
 from gateway.jobs.kinds import Kind
-from gateway.jobs.state import Status
+from gateway.jobs.state import JobState, Status, transition
+from gateway.store import jobs as store_jobs
 from gateway.store import orphans
 from gateway.store.database import connect, translate_errors
 from gateway.store.errors import Duplicate, StoreError
-from gateway.store.jobs import LockedJob
+from gateway.store.jobs import Applied, JobUpdate, LockedJob
 from gateway.store.orphans import Attached
 
 log = structlog.get_logger(__name__)
@@ -87,7 +88,8 @@ SET leased_until = now() + make_interval(secs => $2),
     attempts = o.attempts + 1
 FROM due, jobs j
 WHERE o.id = due.id AND j.id = o.job_id
-RETURNING o.id, o.job_id, o.action, o.payload, o.attempts, j.kind, j.status,
+RETURNING o.id, o.job_id, o.action, o.payload, o.attempts, j.kind, j.status, j.user_id,
+          j.progress, j.seq, j.created_at, j.first_webhook_at,
           (SELECT a.backend_job_id FROM job_aliases a WHERE a.job_id = o.job_id)
               AS backend_job_id
 """
@@ -113,6 +115,28 @@ SET delivered_at = now(), payload = NULL, leased_until = NULL, lease_owner = NUL
 WHERE id = $1 AND delivered_at IS NULL AND failed_at IS NULL
 RETURNING id
 """
+
+# An accepted generate, recorded in one statement when the job is still at the `seq` its claim
+# read: the job's row locked (first, as everywhere), the row settled, and the job's event
+# (QUEUED) applied only when this settled it. APPLY's parameters, then the seq and the row.
+DELIVERED_AND_APPLY = store_jobs.guarded(
+    False,
+    f"""
+job AS (
+    SELECT id FROM jobs WHERE id = $1 AND seq = ${store_jobs.APPLY_PARAMETERS + 1} FOR UPDATE
+), settled AS (
+    UPDATE outbox
+    SET delivered_at = now(), payload = NULL, leased_until = NULL, lease_owner = NULL,
+        last_error = NULL
+    WHERE id = ${store_jobs.APPLY_PARAMETERS + 2} AND delivered_at IS NULL
+      AND failed_at IS NULL AND EXISTS (SELECT 1 FROM job)
+    RETURNING id
+), flags AS (
+    SELECT EXISTS (SELECT 1 FROM job) AS locked, EXISTS (SELECT 1 FROM settled) AS settled
+)""",
+    guard="(SELECT settled FROM flags)",
+    columns="(SELECT locked FROM flags) AS locked, (SELECT settled FROM flags) AS settled, ",
+)
 
 # Only the current claim may fail or reschedule its row.
 MARK_FAILED = """
@@ -165,6 +189,8 @@ class Claimed:
     job_status: Status
     # the backend's own id for the job, when its answer (or the reconciler) recorded one
     backend_job_id: str | None
+    # the job as the claim read it (not locked: it may have moved on since)
+    job: LockedJob
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> Claimed:
@@ -177,6 +203,15 @@ class Claimed:
             attempts=r["attempts"],
             job_status=Status(r["status"]),
             backend_job_id=r["backend_job_id"],
+            job=LockedJob(
+                id=r["job_id"],
+                kind=Kind(r["kind"]),
+                user_id=r["user_id"],
+                state=JobState(Status(r["status"]), r["progress"]),
+                seq=r["seq"],
+                created_at=r["created_at"],
+                first_webhook_at=r["first_webhook_at"],
+            ),
         )
 
 
@@ -197,6 +232,26 @@ async def next_due_in(conn: asyncpg.Connection) -> float | None:
 async def mark_delivered(conn: asyncpg.Connection, outbox_id: int) -> bool:
     """Settle a row the backend accepted; False when it was settled already."""
     return await conn.fetchval(MARK_DELIVERED, outbox_id) is not None
+
+
+async def delivered_and_apply(
+    conn: asyncpg.Connection, row: Claimed, update: JobUpdate
+) -> Applied | bool | None:
+    """Settle an accepted generate and apply `update` to its job in one statement, when the
+    job is where the claim read it and `update` moves it: the Applied; False when the row
+    was settled already (nothing written); None when the job moved on since the claim or the
+    update would not apply (nothing written: lock the job and decide again)."""
+    step = transition(row.job.state, update.event)
+    if not step.applied or step.finished:
+        return None
+    args = store_jobs.apply_arguments(row.job, update, step)
+    done = await conn.fetchrow(DELIVERED_AND_APPLY, *args, row.job.seq, row.id)
+    assert done is not None
+    if not done["locked"]:
+        return None
+    if not done["settled"]:
+        return False
+    return Applied(step, done["seq"])
 
 
 async def mark_failed(conn: asyncpg.Connection, row: Claimed, *, owner: str, error: str) -> bool:
