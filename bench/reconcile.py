@@ -169,9 +169,9 @@ async def fill(dsn: str, jobs: int) -> tuple[int, float]:
 
 def run_reconcile(
     dsn: str, log_path: Path, profile: Path | None = None
-) -> tuple[float, int, dict[str, Any], int]:
-    """`python -m reconcile run --json`: (seconds, peak RSS in KiB, its JSON, exit code);
-    with `profile`, py-spy records the run there."""
+) -> tuple[float, int, dict[str, Any], int, float]:
+    """`python -m reconcile run --json`: (seconds, peak RSS in KiB, its JSON, exit code, CPU
+    seconds of the process); with `profile`, py-spy records the run there."""
     env = gateway_env(dsn, 0)
     env.pop("PORT")
     started = time.perf_counter()
@@ -192,7 +192,7 @@ def run_reconcile(
     if spy is not None:
         spy.wait(timeout=60)
     data = json.loads(output) if output.strip() else {}
-    return seconds, usage.ru_maxrss, data, proc.returncode
+    return seconds, usage.ru_maxrss, data, proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 async def check(dsn: str) -> dict[str, Any]:
@@ -221,7 +221,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
             print(f"reconcile: load {load[0]:.2f}; sorami-reconcile run on {jobs:,} jobs, "
                   f"{orphans:,} orphans", flush=True)
             profile = out / f"profile-reconcile-{jobs}.txt" if args.profile else None
-            seconds, rss_kib, result, code = run_reconcile(
+            seconds, rss_kib, result, code, cpu = run_reconcile(
                 dsn, out / f"reconcile-{jobs}.log", profile)
             correctness = await check(dsn)
         entry = {
@@ -232,6 +232,8 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
             "seconds": round(seconds, 2),
             "run_duration_seconds": result.get("duration_seconds"),
             "peak_rss_mib": round(rss_kib / 1024, 1),
+            # the reconcile process's own CPU (the rest of the time is the database's)
+            "process_cpu_seconds": round(cpu, 2),
             "ms_per_orphan": round(seconds / orphans * 1000, 4),
             "exit_code": code,
             "counts": result.get("counts"),
@@ -239,7 +241,8 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
             "correctness": correctness,
         }
         detail["sizes"].append(entry)
-        print(f"reconcile: {jobs:,} jobs: {seconds:.1f} s, peak RSS {rss_kib / 1024:.0f} MiB, "
+        print(f"reconcile: {jobs:,} jobs: {seconds:.1f} s (process CPU {cpu:.1f} s), "
+              f"peak RSS {rss_kib / 1024:.0f} MiB, "
               f"{entry['ms_per_orphan']:.3f} ms per orphan, exit {code}; matches "
               f"{'right' if correctness['ok'] else 'WRONG'} ({correctness})", flush=True)
     return figures(detail), detail
