@@ -140,6 +140,22 @@ class Cluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+async def migrated_database(cluster: Cluster, name: str) -> str:
+    """A new database on the cluster with every migration applied; its DSN."""
+    import asyncpg
+
+    from gateway.store.migrations import migrate
+
+    admin = await asyncpg.connect(cluster.dsn(), timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    dsn = cluster.dsn(name)
+    await migrate(dsn)
+    return dsn
+
+
 @contextlib.contextmanager
 def throwaway_cluster() -> Iterator[Cluster]:
     """A started cluster, stopped and deleted on exit whatever happened."""

@@ -22,10 +22,9 @@ import aiohttp
 import asyncpg
 
 from gateway.jobs.prompts import normalize
-from gateway.store.migrations import migrate
 from tests.conftest import HS256_SECRET, WEBHOOK_KEY, WEBHOOK_SECRET
 from tests.procs import Proc, clean_env, free_port, start, wait_ready
-from tests.reliability.cluster import Cluster, throwaway_cluster
+from tests.reliability.cluster import Cluster, migrated_database, throwaway_cluster
 from tests.reliability.conftest import Figures
 from tests.signing import signed
 
@@ -117,13 +116,7 @@ def completed(job_id: str) -> dict[str, Any]:
 
 async def prepare(cluster: Cluster) -> str:
     """A migrated database with the jobs the webhooks are for (QUEUED, as after delivery)."""
-    admin = await asyncpg.connect(cluster.dsn(), timeout=10)
-    try:
-        await admin.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await admin.close()
-    dsn = cluster.dsn(DATABASE)
-    await migrate(dsn)
+    dsn = await migrated_database(cluster, DATABASE)
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         await conn.copy_records_to_table(
