@@ -14,8 +14,9 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -27,10 +28,13 @@ from tests.procs import Proc, clean_env, free_port, start, wait_ready
 from tests.reliability.cluster import Cluster, migrated_database, throwaway_cluster
 from tests.reliability.conftest import Figures
 from tests.signing import signed
+from tests.tokens import user
 
 DATABASE = "sorami"
 ROUTE = "/api/webhooks/image-completion"
 SENDERS = 16
+# the app's users creating jobs and reading their status meanwhile
+CREATORS = 4
 # every fifth delivery is for a job the gateway does not know: an orphan, kept for reconcile
 ORPHAN_EVERY = 5
 JOBS_AVAILABLE = 20_000
@@ -52,55 +56,88 @@ RETRY_PAUSE = 0.05
 
 @dataclasses.dataclass
 class Answer:
-    msg_id: str
+    route: str
+    key: str  # the webhook id, or the client's Idempotency-Key or job id
     status: int | None  # None: no HTTP answer (connection error or timeout)
     error: str | None
     retry_after: str | None
-    outcome: str | None
+    detail: str | None  # the body of an answer other than 2xx
     started: float
     ended: float
 
 
 @dataclasses.dataclass
 class Sender:
-    """Signed webhooks, each retried until the gateway answers it 2xx."""
+    """Requests retried until the gateway answers 2xx: signed webhooks from the backend,
+    and the app's job creations (with an Idempotency-Key) and status reads."""
 
-    url: str
+    base: str
     session: aiohttp.ClientSession
     answers: list[Answer] = dataclasses.field(default_factory=list)
-    # msg_id -> the outcome of its 2xx answer
+    # webhook id -> the outcome of its 2xx answer
     acknowledged: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Idempotency-Key -> every job id a 202 gave for it
+    created: dict[str, set[str]] = dataclasses.field(default_factory=dict)
     unacknowledged: list[str] = dataclasses.field(default_factory=list)
 
     async def deliver(self, payload: dict[str, Any], msg_id: str) -> None:
+        def request() -> tuple[bytes, dict[str, str]]:
+            # signed afresh on each try, as a sender does, so the timestamp stays current
+            return signed(payload, WEBHOOK_KEY, msg_id)
+
+        answer = await self._until_2xx("POST", ROUTE, msg_id, request)
+        if answer is not None:
+            self.acknowledged[msg_id] = str(answer["outcome"])
+
+    async def create_job(self, key: str) -> str | None:
+        def request() -> tuple[bytes, dict[str, str]]:
+            body = json.dumps({"prompt": f"created under faults {key}"}).encode()
+            return body, {**user("user_c"), "Content-Type": "application/json",
+                          "Idempotency-Key": key}
+
+        answer = await self._until_2xx("POST", "/api/images/generate", key, request)
+        if answer is None:
+            return None
+        job_id = str(answer["job_id"])
+        self.created.setdefault(key, set()).add(job_id)
+        return job_id
+
+    async def read_status(self, job_id: str) -> None:
+        def request() -> tuple[bytes, dict[str, str]]:
+            return b"", user("user_c")
+
+        await self._until_2xx("GET", f"/api/images/{job_id}/status", job_id, request)
+
+    async def _until_2xx(
+        self, method: str, route: str, key: str,
+        request: Callable[[], tuple[bytes, dict[str, str]]],
+    ) -> dict[str, Any] | None:
+        """The JSON of the first 2xx answer; None when the deadline passed without one."""
         deadline = time.monotonic() + DELIVERY_DEADLINE
         while time.monotonic() < deadline:
-            # signed afresh on each try, as a sender does, so the timestamp stays current
-            body, headers = signed(payload, WEBHOOK_KEY, msg_id)
-            answer = await self._post(body, headers, msg_id)
+            body, headers = request()
+            answer, document = await self._send(method, route, key, body, headers)
             self.answers.append(answer)
-            if answer.status is not None and 200 <= answer.status < 300:
-                assert answer.outcome is not None
-                self.acknowledged[msg_id] = answer.outcome
-                return
+            if document is not None:
+                return document
             await asyncio.sleep(RETRY_PAUSE)
-        self.unacknowledged.append(msg_id)
+        self.unacknowledged.append(f"{method} {route} {key}")
+        return None
 
-    async def _post(self, body: bytes, headers: dict[str, str], msg_id: str) -> Answer:
+    async def _send(self, method: str, route: str, key: str, body: bytes,
+                    headers: dict[str, str]) -> tuple[Answer, dict[str, Any] | None]:
         started = time.monotonic()
         try:
-            async with self.session.post(self.url, data=body, headers=headers) as resp:
+            async with self.session.request(method, self.base + route, data=body or None,
+                                            headers=headers) as resp:
                 raw = await resp.read()
-                outcome = None
-                if 200 <= resp.status < 300:
-                    outcome = str((await resp.json())["outcome"])
-                elif resp.status != 503:
-                    outcome = raw.decode(errors="replace")[:300]
-                return Answer(msg_id, resp.status, None, resp.headers.get("Retry-After"),
-                              outcome, started, time.monotonic())
+                document = json.loads(raw) if 200 <= resp.status < 300 else None
+                detail = raw.decode(errors="replace")[:300] if document is None else None
+                return Answer(route, key, resp.status, None, resp.headers.get("Retry-After"),
+                              detail, started, time.monotonic()), document
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return Answer(msg_id, None, type(exc).__name__, None, None, started,
-                          time.monotonic())
+            return Answer(route, key, None, type(exc).__name__, None, None, started,
+                          time.monotonic()), None
 
 
 def generating(job_id: str) -> dict[str, Any]:
@@ -183,11 +220,18 @@ async def run_scenario(cluster: Cluster, dsn: str, proc: Proc, port: int,
     stop_taking = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=SENDERS), timeout=timeout
+        connector=aiohttp.TCPConnector(limit=SENDERS + CREATORS), timeout=timeout
     ) as session:
-        sender = Sender(f"http://127.0.0.1:{port}{ROUTE}", session)
+        sender = Sender(f"http://127.0.0.1:{port}", session)
         jobs: list[str] = []
         orphans: list[str] = []
+        keys = itertools.count()
+
+        async def create_continuously() -> None:
+            while not stop_taking.is_set():
+                job_id = await sender.create_job(f"key-{next(keys):05d}")
+                if job_id is not None:
+                    await sender.read_status(job_id)
 
         async def send_continuously() -> None:
             while not stop_taking.is_set():
@@ -206,6 +250,7 @@ async def run_scenario(cluster: Cluster, dsn: str, proc: Proc, port: int,
         killer = Killer(cluster)
         began = time.monotonic()
         senders = [asyncio.create_task(send_continuously()) for _ in range(SENDERS)]
+        senders += [asyncio.create_task(create_continuously()) for _ in range(CREATORS)]
         try:
             await asyncio.sleep(WARM_UP)
             faults_began = time.monotonic()
@@ -237,7 +282,11 @@ async def run_scenario(cluster: Cluster, dsn: str, proc: Proc, port: int,
     lost = await count_lost(dsn, jobs, orphans, sender)
 
     figures["webhooks"] = len(jobs) * 2 + len(orphans)
+    figures["jobs created through the client API"] = len(sender.created)
     figures["requests"] = len(answers)
+    figures["requests by route"] = dict(collections.Counter(
+        "webhook" if a.route == ROUTE else "create" if a.route.endswith("generate")
+        else "status" for a in answers))
     figures["answers by status"] = dict(sorted(by_status.items()))
     figures["2xx"] = len(ok)
     figures["503"] = len(unavailable)
@@ -284,6 +333,13 @@ async def count_lost(dsn: str, jobs: list[str], orphans: list[str], sender: Send
                 "(SELECT count(*) FROM job_files f WHERE f.job_id = j.id) AS files "
                 "FROM jobs j WHERE j.id = ANY($1::text[])", jobs)
         }
+        made = {
+            r["idempotency_key"]: (r["ids"], r["outbox_rows"])
+            for r in await conn.fetch(
+                "SELECT j.idempotency_key, array_agg(j.id) AS ids, "
+                "(SELECT count(*) FROM outbox o WHERE o.job_id = ANY(array_agg(j.id))) "
+                "AS outbox_rows FROM jobs j WHERE j.user_id = 'user_c' GROUP BY 1")
+        }
         kept = {
             r["backend_job_id"]
             for r in await conn.fetch(
@@ -298,4 +354,9 @@ async def count_lost(dsn: str, jobs: list[str], orphans: list[str], sender: Send
     expected = {f"msg-{j}-{step}" for j in jobs for step in ("generating", "completed")} | {
         f"msg-{o}-completed" for o in orphans}
     never_recorded = expected - recorded.keys()
-    return len(set(missing_records) | never_recorded) + len(unfinished) + len(dropped_orphans)
+    # one job (and its one outbox row) per key, the one its 202s named, and no job unasked
+    wrong_jobs = [key for key, ids in sender.created.items()
+                  if len(ids) != 1 or made.get(key) != (list(ids), 1)]
+    unasked = made.keys() - sender.created.keys()
+    return (len(set(missing_records) | never_recorded) + len(unfinished) + len(dropped_orphans)
+            + len(wrong_jobs) + len(unasked))
