@@ -46,8 +46,11 @@ SCHEDULE = (0.2, 0.4, 0.8, 1.0, 1.0, 1.0)
 # attempt and outlasts the schedule's first wait
 SHORT_RETRY_AFTER = 1
 LONG_RETRY_AFTER = 3
-# A measured wait may fall short of the planned one by timer and clock granularity only.
-EARLY_TOLERANCE = 0.05
+# A measured wait may fall short of the planned one by timer and clock granularity only...
+EARLY_TOLERANCE = 0.01
+# ...and after a hang by the time the request took to reach the backend too: the caller's
+# timeout starts before the backend sees the request, so its end is known only within that.
+HANG_TOLERANCE = 0.1
 # A wait may exceed the planned one by the time a due row queues for a dispatcher: rows are
 # claimed oldest due first, at most MAX_IN_FLIGHT per process, so under this burst a retry
 # queues like a new job does (measured: a new job's wait for its first call), plus the poll
@@ -252,7 +255,7 @@ async def test_three_processes_deliver_1000_jobs_of_a_faulty_backend_once_each_o
         calls_of[call.job_id].append(call)
     overlapping = max(most_overlapping(calls) for calls in calls_of.values())
     wrong_calls, wrong_attempts, early = [], [], []
-    margins: list[float] = []
+    margins: dict[str, list[float]] = collections.defaultdict(list)
     lateness: list[tuple[float, str, str, Wait]] = []
     for job_id in job_ids:
         calls = sorted(calls_of[job_id], key=lambda c: c.started)
@@ -265,8 +268,9 @@ async def test_three_processes_deliver_1000_jobs_of_a_faulty_backend_once_each_o
             wrong_attempts.append((job_id, outbox_rows[job_id]["attempts"], attempts))
         for before, after, wait in zip(calls[:-1], calls[1:], waits, strict=True):
             gap = after.started - ended(before)
-            margins.append(gap - wait.low)
-            if gap < wait.low - EARLY_TOLERANCE:
+            margins[fault_kind(before.reply)].append(gap - wait.low)
+            tolerance = HANG_TOLERANCE if before.reply == HANG else EARLY_TOLERANCE
+            if gap < wait.low - tolerance:
                 early.append((job_id, fault_kind(before.reply), round(gap, 3), wait))
             lateness.append((gap - wait.high, job_id, fault_kind(before.reply), wait))
 
@@ -277,11 +281,12 @@ async def test_three_processes_deliver_1000_jobs_of_a_faulty_backend_once_each_o
     figures["calls by fault kind"] = dict(sorted(by_kind.items()))
     figures["deliveries by process"] = delivered_by
     figures["max concurrent sends per job"] = overlapping
-    figures["waits checked"] = len(margins)
+    figures["waits checked"] = sum(len(m) for m in margins.values())
     # the time a committed job waits for its first call: the dispatchers' queue
     queued = max(min(c.started for c in calls_of[j]) - committed[j] for j in job_ids)
     latest = max(lateness, key=lambda x: x[0])
-    figures["min gap - planned minimum s"] = min(margins)
+    figures["min gap - planned minimum s, by the fault before"] = {
+        kind: round(min(m), 3) for kind, m in sorted(margins.items())}
     figures["max gap - planned maximum s"] = latest[0]
     figures["max wait of a new job for its first call s"] = queued
     figures["create 1,000 jobs s"] = created
