@@ -1,10 +1,12 @@
-"""The database under fire: webhooks keep coming while PostgreSQL connections are killed every
-200 ms, then the server is stopped in immediate mode (no checkpoint: crash recovery) and
-started again.
+"""The database under fire: signed webhooks keep coming, and users keep creating jobs and
+reading them, while every connection to the gateway's database is killed every 200 ms; then
+the server is stopped in immediate mode (no checkpoint: crash recovery), left down for a
+second, and started again.
 
-Every answer is a 2xx or a 503 with Retry-After, never a 500, never a hang; every delivery
+Every answer is a 2xx or a 503 with Retry-After, never a 500, never a hang; every request
 answered 2xx has its effect in the database; the service answers 2xx again within 5 s of the
-database being back; and once the sender's retries are done nothing is lost.
+database being back; and once the senders' retries are done nothing is lost, and each
+Idempotency-Key made one job.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ WARM_UP = 1.0
 KILL_EVERY = 0.2
 KILL_FOR = 4.0
 DOWN_FOR = 1.0
-# the issue's bound: the service answers 2xx again within this of the database being back
+# the service answers 2xx again within this of the database being back
 RECOVERY_BOUND = 5.0
 # after recovery the sender goes on this long before it stops taking new jobs
 AFTER_RECOVERY = 6.0

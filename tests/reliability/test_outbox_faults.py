@@ -293,6 +293,8 @@ async def test_three_processes_deliver_1000_jobs_of_a_faulty_backend_once_each_o
     figures["drain s (first create to outbox empty)"] = drain
 
     assert overlapping == 1
+    # every call of a job under its one key: a job taken but unanswered is not made twice
+    assert all(c.headers.get("Idempotency-Key") == c.job_id for c in backend.calls)
     assert not wrong_calls, wrong_calls[:3]
     assert not wrong_attempts, wrong_attempts[:5]
     assert not early, early[:5]
