@@ -53,8 +53,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ProblemError as error:
         return problem_from(error)
-    except StoreUnavailable:
-        log.warning("database_unavailable", path=request.path)
+    except StoreUnavailable as exc:
+        # the cause (connection refused, too many connections, a deadlock...) is what an
+        # operator needs to act on
+        log.warning("database_unavailable", path=request.path, reason=str(exc))
         return problem_from(ServiceUnavailable())
     except web.HTTPException as exc:
         if exc.status < 400:

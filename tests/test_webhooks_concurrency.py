@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aiohttp
 import pytest
+import structlog
 
 from gateway.app import create_app
 from gateway.settings import Secret, Settings
@@ -161,12 +162,17 @@ async def test_database_unreachable_is_503_with_retry_after_and_nothing_acknowle
 
     await proxy.cut()
     answers = []
-    for msg_id, payload in [("msg-during", completed(job_id)),
-                            ("msg-orphan", completed("backend-1"))]:
-        resp = await client.post(IMAGE_ROUTE, **request(payload, msg_id))
-        answers.append((resp.status, resp.headers.get("Retry-After"),
-                        (await resp.json())["status"]))
+    with structlog.testing.capture_logs() as logs:
+        for msg_id, payload in [("msg-during", completed(job_id)),
+                                ("msg-orphan", completed("backend-1"))]:
+            resp = await client.post(IMAGE_ROUTE, **request(payload, msg_id))
+            answers.append((resp.status, resp.headers.get("Retry-After"),
+                            (await resp.json())["status"]))
     assert answers == [(503, "5", 503), (503, "5", 503)]
+    # the log says why, for the operator
+    reasons = [e.get("reason") for e in logs if e["event"] == "database_unavailable"]
+    assert len(reasons) == 2
+    assert all(r and r.startswith("database unavailable: ") for r in reasons), reasons
     # nothing of what was answered 503 is in the database
     keys = await db.fetch("SELECT dedupe_key FROM webhook_deliveries")
     assert [k["dedupe_key"] for k in keys] == ["id:msg-before"]
