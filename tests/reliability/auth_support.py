@@ -46,7 +46,10 @@ async def serve_gateway(database_url: str, **env: str) -> AsyncIterator[Gateway]
         yield Gateway(proc, port)
     finally:
         code, err = proc.stop()
-        assert code == 0, err[-3000:]
+    # reached only when the scenario itself passed, so its own failure is the one reported
+    assert code == 0, err[-3000:]
+    # an unexpected exception in a handler is logged at error level (and answered 500)
+    assert '"level": "error"' not in err, err[-3000:]
 
 
 class JWKSServer:
