@@ -270,6 +270,7 @@ def _webhook(kind: str) -> Operation:
             problem(400, "The body is not JSON"),
             problem(401, "Bad, missing or expired signature (one body for every cause)"),
             problem(413, "The body is larger than WEBHOOK_MAX_BODY_BYTES"),
+            problem(415, "The Content-Type is not application/json"),
             problem(422, "The body is not a valid payload; `field` names where"),
             problem(503, "The database is unavailable: nothing was acknowledged", "Retry-After"),
         ),

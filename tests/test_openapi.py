@@ -124,3 +124,13 @@ async def test_webhook_routes_are_documented_with_the_payload_schema_once_served
     assert {"200", "202", "401", "503"} <= set(hook["responses"])
     assert "text/plain; version=0.0.4" in doc["paths"]["/metrics"]["get"]["responses"]["200"][
         "content"]
+
+
+async def test_the_webhooks_refusal_of_a_non_json_body_is_documented(client: Any) -> None:
+    doc = await document(client)
+    for kind in ("image", "video"):
+        path = f"/api/webhooks/{kind}-completion"
+        resp = await client.post(path, data=b"{}", headers={"Content-Type": "text/plain"})
+        assert resp.status == 415
+        assert resp.content_type == "application/problem+json"
+        assert "415" in doc["paths"][path]["post"]["responses"]
