@@ -83,6 +83,8 @@ class Settings:
     job_timeout_image_seconds: int = 15 * 60
     job_timeout_video_seconds: int = 60 * 60
     dedupe_retention_seconds: int = 7 * 86400
+    # the reconciler's audit rows that no orphan needs any more are kept this long
+    reconcile_audit_retention_seconds: int = 30 * 86400
 
     @property
     def embedded(self) -> bool:
@@ -137,6 +139,9 @@ class Settings:
             job_timeout_video_seconds=p.integer("JOB_TIMEOUT_VIDEO_SECONDS", 60 * 60, low=60),
             dedupe_retention_seconds=p.integer(
                 "DEDUPE_RETENTION_SECONDS", 7 * 86400, low=3600
+            ),
+            reconcile_audit_retention_seconds=p.integer(
+                "RECONCILE_AUDIT_RETENTION_SECONDS", 30 * 86400, low=3600
             ),
         )
         settings.check_consistency()

@@ -31,6 +31,7 @@ def run_json(result: RunResult) -> dict[str, Any]:
             "image_timeout_seconds": o.image_timeout_seconds,
             "video_timeout_seconds": o.video_timeout_seconds,
             "retention_seconds": o.retention_seconds,
+            "audit_retention_seconds": o.audit_retention_seconds,
         },
         "counts": result.counts,
         "needs_review": result.needs_review,
@@ -78,7 +79,8 @@ def write_run_summary(out: TextIO, result: RunResult) -> None:
               f"  (image {timed_out['image']}, video {timed_out['video']})\n")
     pruned = c["pruned"]
     out.write(f"  pruned             {pruned['webhook_deliveries']} webhook deliveries, "
-              f"{pruned['outbox']} outbox rows\n")
+              f"{pruned['outbox']} outbox rows, {pruned['reconcile_decisions']} decisions, "
+              f"{pruned['reconcile_runs']} runs\n")
     open_ = result.open_orphans
     out.write(f"  open orphans       {open_['unresolved']} unresolved, "
               f"{open_['unmatched']} unmatched\n")

@@ -4,9 +4,9 @@ A pass holds a PostgreSQL advisory lock for its whole length, so a second pass s
 the same time returns at once and does nothing. It decides for every open orphan in one
 snapshot (set-based SQL into `reconcile_plan`), applies the matches in batches (one
 transaction each, so each orphan is fully applied or untouched), records every decision,
-then times out jobs that stopped hearing from the backend and prunes old dedupe records
-and delivered outbox rows. A dry run decides and counts the same
-way and changes nothing but its own entry in `reconcile_runs`.
+then times out jobs that stopped hearing from the backend and prunes old dedupe records,
+delivered outbox rows and the audit rows no orphan needs any more. A dry run decides and
+counts the same way and changes nothing but its own entry in `reconcile_runs`.
 """
 
 from __future__ import annotations
@@ -51,11 +51,14 @@ class RunOptions:
     image_timeout_seconds: float = 15 * 60.0
     video_timeout_seconds: float = 60 * 60.0
     retention_seconds: float = 7 * 86400.0
+    audit_retention_seconds: float = 30 * 86400.0
     # transactions applied side by side: each touches a batch of orphans and jobs of its own
     concurrency: int = 4
     # orphans (or stale jobs) applied per transaction: a constant number of statements each
     batch_size: int = 500
     review_limit: int = 100
+    # rows deleted per statement by the retention step
+    prune_batch_size: int = 5000
 
     @classmethod
     def from_settings(cls, settings: Settings, **changes: Any) -> RunOptions:
@@ -63,6 +66,7 @@ class RunOptions:
             image_timeout_seconds=float(settings.job_timeout_image_seconds),
             video_timeout_seconds=float(settings.job_timeout_video_seconds),
             retention_seconds=float(settings.dedupe_retention_seconds),
+            audit_retention_seconds=float(settings.reconcile_audit_retention_seconds),
         )
         return dataclasses.replace(base, **changes)
 
@@ -305,10 +309,14 @@ class _Pass:
             raise failed.exceptions[0] from None
 
     async def _prune(self, run_at: dt.datetime) -> dict[str, int]:
-        cutoff = run_at - dt.timedelta(seconds=self.options.retention_seconds)
-        if self.options.dry_run:
-            return await store.count_prunable(self.conn, cutoff)
-        return await store.prune(self.conn, cutoff)
+        o = self.options
+        cutoff = run_at - dt.timedelta(seconds=o.retention_seconds)
+        audit_cutoff = run_at - dt.timedelta(seconds=o.audit_retention_seconds)
+        if o.dry_run:
+            return (await store.count_prunable(self.conn, cutoff)
+                    | await store.count_prunable_audit(self.conn, audit_cutoff))
+        return (await store.prune(self.conn, cutoff, batch=o.prune_batch_size)
+                | await store.prune_audit(self.conn, audit_cutoff, batch=o.prune_batch_size))
 
     def _error(self, message: str) -> None:
         self.error_count += 1

@@ -104,7 +104,8 @@ async def test_run_json_has_the_documented_shape(db: Database, database_url: str
     assert result["parameters"]["image_timeout_seconds"] == 900
     assert (result["counts"]["matched"], result["counts"]["ambiguous"]) == (1, 1)
     assert result["counts"]["timed_out"] == {"image": 0, "video": 0}
-    assert result["counts"]["pruned"] == {"webhook_deliveries": 0, "outbox": 0}
+    assert result["counts"]["pruned"] == {"webhook_deliveries": 0, "outbox": 0,
+                                          "reconcile_decisions": 0, "reconcile_runs": 0}
     assert result["needs_review"] == 1
     (item,) = result["review"]
     assert set(item) == REVIEW_KEYS
