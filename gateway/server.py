@@ -141,6 +141,18 @@ class _Slot:
     restart_at: float | None = None
     last_exit: str = ""
 
+    def exited(self, *, served: bool, up: float) -> float:
+        """Count a death of this slot's worker; the delay before its replacement starts."""
+        if served:
+            self.startup_failures = 0
+            if up >= STABLE_SECONDS:
+                self.delay = RESTART_DELAY_FIRST
+        else:
+            self.startup_failures += 1
+        restart_in = self.delay
+        self.delay = min(self.delay * 2, RESTART_DELAY_MAX)
+        return restart_in
+
 
 class _Supervisor:
     """Starts the workers, replaces those that die, forwards SIGTERM/SIGINT to them."""
@@ -254,15 +266,8 @@ class _Supervisor:
         assert code is not None
         up = time.monotonic() - slot.started_at
         served = bool(slot.served.value)
-        if served:
-            slot.startup_failures = 0
-            if up >= STABLE_SECONDS:
-                slot.delay = RESTART_DELAY_FIRST
-        else:
-            slot.startup_failures += 1
+        restart_in = slot.exited(served=served, up=up)
         slot.last_exit = _describe_exit(code)
-        restart_in = slot.delay
-        slot.delay = min(slot.delay * 2, RESTART_DELAY_MAX)
         give_up = all(s.startup_failures >= STARTUP_FAILURES_LIMIT for s in self.slots)
         log.error(
             "worker_died",

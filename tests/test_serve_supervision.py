@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import socket
@@ -14,7 +15,13 @@ from typing import Any
 import aiohttp
 
 from gateway.jobs.state import Status
-from gateway.server import STARTUP_FAILURES_LIMIT
+from gateway.server import (
+    RESTART_DELAY_FIRST,
+    RESTART_DELAY_MAX,
+    STABLE_SECONDS,
+    STARTUP_FAILURES_LIMIT,
+    _Slot,
+)
 from gateway.store import Database
 from tests.conftest import HS256_SECRET, WEBHOOK_SECRET
 from tests.factories import insert_job
@@ -28,6 +35,20 @@ REQUESTS = 40
 STREAMS = 16
 REPLACED_WITHIN = 10.0  # seconds from the kill until the replacement has answered a request
 SHUTDOWN_TIMEOUT = 10.0
+
+
+def test_restart_delays_double_to_the_cap_and_reset_after_a_stable_run() -> None:
+    slot = _Slot(0, ctypes.c_bool(False))
+    delays = [slot.exited(served=False, up=1.0) for _ in range(9)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert slot.startup_failures == 9
+    # served, but died soon after: no longer a startup failure, still backing off
+    assert slot.exited(served=True, up=STABLE_SECONDS - 1) == RESTART_DELAY_MAX
+    assert slot.startup_failures == 0
+    # served for a while: the next delay is the first again, and doubles from there
+    assert slot.exited(served=True, up=STABLE_SECONDS) == RESTART_DELAY_FIRST
+    assert slot.exited(served=False, up=1.0) == 2 * RESTART_DELAY_FIRST
+    assert slot.startup_failures == 1
 
 
 def events(proc: Proc, name: str) -> list[dict[str, Any]]:
