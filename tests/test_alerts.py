@@ -24,6 +24,7 @@ METRIC_NAME = re.compile(r"\bsorami_[a-z0-9_]+")
 REQUIRED_ALERTS = {
     "SoramiOrphansOld", "SoramiOrphansGrowing", "SoramiReconcileStale", "SoramiOutboxBacklog",
     "SoramiWebhookSignatureFailures", "SoramiHttp5xxRate", "SoramiJobsStuck",
+    "SoramiWorkerRestarts",
 }
 
 

@@ -56,6 +56,10 @@ WORKER_STARTS = Counter(
     "sorami_worker_starts_total",
     "Server processes that started serving (one per worker, restarts included).",
 )
+WORKER_RESTARTS = Counter(
+    "sorami_worker_restarts_total",
+    "Worker processes started by `serve --workers N` to replace one that died unexpectedly.",
+)
 HTTP_IN_FLIGHT = Gauge(
     "sorami_http_requests_in_flight",
     "HTTP requests being handled now, summed over the live worker processes.",
