@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
 import os
@@ -23,6 +22,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from gateway import embedded
+from gateway.settings import webhook_key
 from gateway.store.migrations import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,8 +170,8 @@ def free_port() -> int:
 
 def new_webhook_secret() -> tuple[str, bytes]:
     """A `whsec_` secret and the HMAC key it stands for."""
-    key = secrets.token_bytes(32)
-    return "whsec_" + base64.b64encode(key).decode(), key
+    secret = embedded.new_webhook_secret()
+    return secret, webhook_key(secret)
 
 
 def gateway_env(database_url: str, port: int, **extra: str) -> dict[str, str]:

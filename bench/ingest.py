@@ -18,9 +18,6 @@ a duplicate of the last completion (its key taken already: PEEK only).
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
-import hmac
 import math
 import random
 import time
@@ -50,6 +47,7 @@ from gateway.jobs.payload import decode
 from gateway.store import jobs as store_jobs
 from gateway.store import webhooks as store_webhooks
 from gateway.store.jobs import FileRecord
+from gateway.webhooks.signing import signature_headers
 
 CONNECTIONS = 32
 # a completion is sent this many requests after its job's progress
@@ -122,13 +120,8 @@ def completed_payload(index: int) -> dict[str, Any]:
 
 
 def _signed(body: bytes, key: bytes, msg_id: str, timestamp: int) -> dict[str, str]:
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256)
-    return {
-        "Content-Type": "application/json",
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": "v1," + base64.b64encode(mac.digest()).decode(),
-    }
+    return {"Content-Type": "application/json",
+            **signature_headers(key, msg_id, timestamp, body)}
 
 
 def build_stream(

@@ -93,7 +93,7 @@ class Settings:
 
     def webhook_keys(self) -> tuple[bytes, ...]:
         """The raw HMAC keys behind the ``whsec_`` secrets."""
-        return tuple(_whsec_key(s.reveal()) for s in self.webhook_secrets)
+        return tuple(webhook_key(s.reveal()) for s in self.webhook_secrets)
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -178,7 +178,8 @@ class Settings:
             )
 
 
-def _whsec_key(secret: str) -> bytes:
+def webhook_key(secret: str) -> bytes:
+    """The raw HMAC key behind a ``whsec_`` secret (raises binascii.Error if not base64)."""
     return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
 
 
@@ -263,7 +264,7 @@ class _Parser:
             if not word.startswith("whsec_"):
                 raise SettingsError(name, f"secret #{index} must start with 'whsec_'")
             try:
-                key = _whsec_key(word)
+                key = webhook_key(word)
             except (binascii.Error, ValueError):
                 raise SettingsError(name, f"secret #{index} is not valid base64") from None
             if len(key) < 16:

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import aiohttp
 
+from tests.conftest import HS256_SECRET, WEBHOOK_SECRET
+
 BASE_ENV_DROP = ("DATABASE_URL", "TEST_DATABASE_URL", "WEBHOOK_SECRETS", "AUTH_HS256_SECRET",
                  "AUTH_JWKS_URL", "LEGACY_WEBHOOK_SECRET", "BACKEND_URL", "PORT", "HOST")
 
@@ -29,6 +31,12 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in BASE_ENV_DROP}
     env.update(extra)
     return env
+
+
+def serve_env(database_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a gateway on `database_url` that takes the tests' secrets."""
+    return clean_env(DATABASE_URL=database_url, WEBHOOK_SECRETS=WEBHOOK_SECRET,
+                     AUTH_HS256_SECRET=HS256_SECRET, **extra)
 
 
 class Proc:

@@ -1,25 +1,22 @@
-"""Standard Webhooks signatures for tests, made the way a sender makes them."""
+"""Signed deliveries for tests: the gateway's own signer, with the media type a sender sets.
+
+`tests/test_webhooks_verify.py` checks that signer against the `standardwebhooks` package.
+"""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import time
 from typing import Any
 
 import msgspec
 
+from gateway.webhooks.signing import signature_headers
+
 
 def sign(body: bytes, secret_key: bytes, msg_id: str, timestamp: int) -> dict[str, str]:
-    """The headers of a signed delivery: HMAC-SHA256 of `{id}.{timestamp}.{body}`."""
-    mac = hmac.new(secret_key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256)
-    return {
-        "Content-Type": "application/json",
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": "v1," + base64.b64encode(mac.digest()).decode(),
-    }
+    """The headers of a signed JSON delivery."""
+    return {"Content-Type": "application/json",
+            **signature_headers(secret_key, msg_id, timestamp, body)}
 
 
 def signed(

@@ -12,9 +12,8 @@ from gateway.jobs.kinds import Kind
 from gateway.jobs.state import Status
 from gateway.store import Database, outbox
 from tests.backend import ACCEPT, Call, Reply, ScriptedBackend, eventually, status
-from tests.conftest import HS256_SECRET, WEBHOOK_SECRET
 from tests.factories import insert_job
-from tests.procs import Proc, clean_env, free_port, start
+from tests.procs import Proc, free_port, serve_env, start
 
 JOBS = 300
 
@@ -46,10 +45,8 @@ async def test_two_processes_deliver_every_job_of_a_flaky_backend_never_twice_at
 
     backend = ScriptedBackend(default=flaky)
     await backend.start(aiohttp_server)
-    env = clean_env(
-        DATABASE_URL=database_url,
-        WEBHOOK_SECRETS=WEBHOOK_SECRET,
-        AUTH_HS256_SECRET=HS256_SECRET,
+    env = serve_env(
+        database_url,
         BACKEND_URL=backend.url,
         BACKEND_TIMEOUT_SECONDS="1",
         DELIVERY_RETRY_SCHEDULE="50ms 100ms 200ms 400ms 800ms",

@@ -13,10 +13,9 @@ import pytest
 from gateway.jobs.state import Status
 from gateway.metrics import multiprocess
 from gateway.store import Database
-from tests.conftest import HS256_SECRET, WEBHOOK_SECRET
 from tests.factories import insert_job
 from tests.metrics_helpers import Scrape, needs_promtool, promtool_check_metrics
-from tests.procs import clean_env, free_port, start, wait_ready
+from tests.procs import free_port, serve_env, start, wait_ready
 
 REQUESTS = 40
 
@@ -53,12 +52,7 @@ async def test_one_scrape_sums_the_counters_of_both_workers(
     for _ in range(3):
         await insert_job(db, status=Status.QUEUED)
     port = free_port()
-    env = clean_env(
-        DATABASE_URL=database_url,
-        WEBHOOK_SECRETS=WEBHOOK_SECRET,
-        AUTH_HS256_SECRET=HS256_SECRET,
-        PORT=str(port),
-    )
+    env = serve_env(database_url, PORT=str(port))
     proc = start(["serve", "--workers", "2"], env)
     try:
         await proc.wait_log('"event": "serving"', count=2)
@@ -99,12 +93,7 @@ async def test_one_scrape_sums_the_counters_of_both_workers(
 @needs_promtool
 async def test_a_multiprocess_scrape_passes_promtool_check_metrics(database_url: str) -> None:
     port = free_port()
-    env = clean_env(
-        DATABASE_URL=database_url,
-        WEBHOOK_SECRETS=WEBHOOK_SECRET,
-        AUTH_HS256_SECRET=HS256_SECRET,
-        PORT=str(port),
-    )
+    env = serve_env(database_url, PORT=str(port))
     proc = start(["serve", "--workers", "2"], env)
     try:
         await proc.wait_log('"event": "serving"', count=2)

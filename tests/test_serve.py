@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HS256_SECRET, WEBHOOK_SECRET
-from tests.procs import clean_env, free_port, start, wait_ready
+from tests.procs import clean_env, free_port, serve_env, start, wait_ready
 
 
 @pytest.mark.parametrize(
@@ -68,12 +67,7 @@ async def test_zero_configuration_is_ready_within_10s_and_reuses_its_data(
 
 async def test_workers_share_the_port_and_stop_on_sigterm(database_url: str) -> None:
     port = free_port()
-    env = clean_env(
-        DATABASE_URL=database_url,
-        WEBHOOK_SECRETS=WEBHOOK_SECRET,
-        AUTH_HS256_SECRET=HS256_SECRET,
-        PORT=str(port),
-    )
+    env = serve_env(database_url, PORT=str(port))
     proc = start(["serve", "--workers", "2"], env)
     try:
         await proc.wait_log('"event": "serving"', count=2)

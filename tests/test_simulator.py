@@ -73,6 +73,18 @@ async def generate(
         return answer
 
 
+async def lose_the_answer_and_retry(server: TestServer) -> dict[str, Any]:
+    """Ask for job-1, lose the connection before the answer, and ask again with the same key."""
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await session.post(
+                server.make_url("/api/images/generate"),
+                json={"prompt": "x", "job_id": "job-1"},
+                headers={"Idempotency-Key": "job-1"},
+            )
+    return await generate(server, key="job-1", prompt="x")
+
+
 async def test_honest_answers_our_id_and_sends_the_signed_sequence(
     aiohttp_server: Server,
 ) -> None:
@@ -106,14 +118,7 @@ async def test_lost_answer_drops_the_connection_and_a_retry_gets_the_same_job(
     aiohttp_server: Server,
 ) -> None:
     backend, server, receiver = await start(aiohttp_server, "lost-answer")
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(aiohttp.ServerDisconnectedError):
-            await session.post(
-                server.make_url("/api/images/generate"),
-                json={"prompt": "x", "job_id": "job-1"},
-                headers={"Idempotency-Key": "job-1"},
-            )
-    again = await generate(server, key="job-1", prompt="x")
+    again = await lose_the_answer_and_retry(server)
     await backend.idle()
     assert again["job_id"] == "job-1"
     assert len(backend.jobs) == 1
@@ -209,14 +214,7 @@ def test_unknown_modes_are_refused() -> None:
 
 async def test_a_lost_own_id_never_reaches_the_caller(aiohttp_server: Server) -> None:
     backend, server, receiver = await start(aiohttp_server, "own-uuid+lost-answer")
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(aiohttp.ServerDisconnectedError):
-            await session.post(
-                server.make_url("/api/images/generate"),
-                json={"prompt": "x", "job_id": "job-1"},
-                headers={"Idempotency-Key": "job-1"},
-            )
-    again = await generate(server, key="job-1", prompt="x")
+    again = await lose_the_answer_and_retry(server)
     await backend.idle()
     (backend_id,) = backend.jobs
     assert again["job_id"] == "job-1"

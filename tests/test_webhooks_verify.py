@@ -29,9 +29,10 @@ from gateway.app import create_app
 from gateway.errors import Unauthorized
 from gateway.jobs.state import Status
 from gateway.middleware import problem_from
-from gateway.settings import Secret, Settings
+from gateway.settings import Secret, Settings, webhook_key
 from gateway.store import Database
 from gateway.webhooks.handlers import UNAUTHORIZED_DETAIL
+from gateway.webhooks.signing import signature, signature_headers
 from gateway.webhooks.verify import VerificationFailed, Verifier
 from tests.conftest import WEBHOOK_KEY, WEBHOOK_SECRET
 from tests.factories import insert_job
@@ -135,12 +136,36 @@ async def test_signatures_made_by_the_standardwebhooks_package_verify(
         "id:msg_2KWPBgLlAfxdpx2AI54pPJ85f4W")
 
 
-def test_the_test_signer_agrees_with_the_standardwebhooks_package() -> None:
+def test_the_signer_agrees_with_the_standardwebhooks_package() -> None:
     body = b'{"job_id": "j", "status": "queued"}'
-    headers = sign(body, WEBHOOK_KEY, "msg_x", int(time.time()))
+    now = int(time.time())
+    reference = standardwebhooks.Webhook(WEBHOOK_SECRET)
+    headers = signature_headers(WEBHOOK_KEY, "msg_x", now, body)
+    assert headers["webhook-signature"] == reference.sign(
+        "msg_x", dt.datetime.fromtimestamp(now, dt.UTC), body.decode())
     # the reference verifier raises unless the signature matches
-    assert standardwebhooks.Webhook(WEBHOOK_SECRET).verify(body, headers) == {
-        "job_id": "j", "status": "queued"}
+    assert reference.verify(body, headers) == {"job_id": "j", "status": "queued"}
+    # the test helper's headers are the signer's, with the media type
+    assert sign(body, WEBHOOK_KEY, "msg_x", now) == {"Content-Type": "application/json",
+                                                      **headers}
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(
+    key=st.binary(min_size=16, max_size=64),
+    msg_id=st.text(min_size=1, max_size=64),
+    timestamp=st.integers(min_value=0, max_value=2**33),
+    body=st.text(max_size=256),
+)
+def test_every_signature_is_the_standardwebhooks_packages(
+    key: bytes, msg_id: str, timestamp: int, body: str
+) -> None:
+    secret = "whsec_" + base64.b64encode(key).decode()
+    # the key the gateway reads from a secret is the one the package reads
+    assert webhook_key(secret) == key
+    expected = standardwebhooks.Webhook(secret).sign(
+        msg_id, dt.datetime.fromtimestamp(timestamp, dt.UTC), body)
+    assert signature(webhook_key(secret), msg_id, timestamp, body.encode()) == expected
 
 
 # --- every verification failure: one body, nothing written ------------------------------

@@ -10,7 +10,6 @@ from gateway.simulator.backend import (
     SimulatorConfig,
     parse_mix,
     parse_mode,
-    sign,
 )
 
 __all__ = [
@@ -21,5 +20,4 @@ __all__ = [
     "SimulatorConfig",
     "parse_mix",
     "parse_mode",
-    "sign",
 ]

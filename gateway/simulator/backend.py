@@ -25,11 +25,8 @@ backend's own state is in memory: it is a test double.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import datetime as dt
-import hashlib
-import hmac
 import itertools
 import random
 import re
@@ -43,7 +40,9 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from gateway.settings import webhook_key
 from gateway.simulator.media import png_size, prompt_colour, sample_video, solid_png
+from gateway.webhooks.signing import signature_headers
 
 log = structlog.get_logger(__name__)
 
@@ -79,13 +78,6 @@ def parse_mode(text: str) -> frozenset[str]:
 def parse_mix(text: str) -> tuple[frozenset[str], ...]:
     """'honest,own-uuid+no-hints' -> the behaviours taken in turn."""
     return tuple(parse_mode(item) for item in text.split(",") if item.strip())
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """A Standard Webhooks `v1,<base64>` signature with a `whsec_` secret."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(mac).decode()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -356,14 +348,8 @@ class SimulatedBackend:
     def _headers(self, webhook_id: str, body: bytes) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self.config.webhook_secret:
-            now = int(time.time())
-            headers.update(
-                {
-                    "webhook-id": webhook_id,
-                    "webhook-timestamp": str(now),
-                    "webhook-signature": sign(self.config.webhook_secret, webhook_id, now, body),
-                }
-            )
+            key = webhook_key(self.config.webhook_secret)
+            headers.update(signature_headers(key, webhook_id, int(time.time()), body))
         elif self.config.legacy_secret:
             headers["X-Webhook-Secret"] = self.config.legacy_secret
         return headers

@@ -40,9 +40,10 @@ class LockedJob:
     first_webhook_at: dt.datetime | None
 
     @classmethod
-    def from_record(cls, r: asyncpg.Record) -> LockedJob:
+    def from_record(cls, r: asyncpg.Record, *, id_column: str = "id") -> LockedJob:
+        """The job of a row; `id_column` names the job's id where `id` is another table's."""
         return cls(
-            id=r["id"],
+            id=r[id_column],
             kind=Kind(r["kind"]),
             user_id=r["user_id"],
             state=JobState(Status(r["status"]), r["progress"]),

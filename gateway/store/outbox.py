@@ -22,7 +22,7 @@ import asyncpg
 import structlog
 
 from gateway.jobs.kinds import Kind
-from gateway.jobs.state import JobState, Status, transition
+from gateway.jobs.state import Status, transition
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
 from gateway.store.database import connect, translate_errors
@@ -203,15 +203,7 @@ class Claimed:
             attempts=r["attempts"],
             job_status=Status(r["status"]),
             backend_job_id=r["backend_job_id"],
-            job=LockedJob(
-                id=r["job_id"],
-                kind=Kind(r["kind"]),
-                user_id=r["user_id"],
-                state=JobState(Status(r["status"]), r["progress"]),
-                seq=r["seq"],
-                created_at=r["created_at"],
-                first_webhook_at=r["first_webhook_at"],
-            ),
+            job=LockedJob.from_record(r, id_column="job_id"),
         )
 
 

@@ -1,10 +1,11 @@
 """Who may post a webhook: Standard Webhooks signatures, or the legacy shared-secret header.
 
-Standard Webhooks (https://www.standardwebhooks.com): `webhook-id`, `webhook-timestamp`
-(integer Unix seconds) and `webhook-signature` (space-separated `v1,<base64>` entries), the
-signature being HMAC-SHA256 over `{id}.{timestamp}.{raw body}` with a `whsec_` key. Every
-configured key is tried, so a secret can be rotated without a gap. The timestamp must be
-within the tolerance in both directions, which bounds replays.
+Standard Webhooks (https://www.standardwebhooks.com), in the format `signing` makes:
+`webhook-id`, `webhook-timestamp` (integer Unix seconds) and `webhook-signature`
+(space-separated `v1,<base64>` entries), the signature being HMAC-SHA256 over
+`{id}.{timestamp}.{raw body}` with a `whsec_` key. Every configured key is tried, so a
+secret can be rotated without a gap. The timestamp must be within the tolerance in both
+directions, which bounds replays.
 
 The verifier works on the raw bytes and never raises anything but `VerificationFailed`,
 whatever the headers hold: its `reason` goes to the logs, never to the caller, who always
@@ -23,10 +24,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from gateway.settings import Settings
+from gateway.webhooks.signing import (
+    ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    signed_prefix,
+)
 
-ID_HEADER: Final = "webhook-id"
-TIMESTAMP_HEADER: Final = "webhook-timestamp"
-SIGNATURE_HEADER: Final = "webhook-signature"
 LEGACY_HEADER: Final = "x-webhook-secret"
 
 # The id becomes the dedupe key (a btree key), so it stays short.
@@ -102,7 +106,7 @@ class Verifier:
         self._check_timestamp(timestamp)
         if not signature.isascii():
             raise VerificationFailed("malformed_signature")
-        expected = self._expected(f"{msg_id}.{timestamp}.".encode("ascii"), body)
+        expected = self._expected(signed_prefix(msg_id, timestamp), body)
         for entry in signature.split():
             version, comma, encoded = entry.partition(",")
             if version != "v1" or not comma:

@@ -24,8 +24,8 @@ import msgspec
 from gateway.jobs.kinds import Kind
 from gateway.jobs.prompts import normalize
 from gateway.store import Database
-from tests.conftest import HS256_SECRET, WEBHOOK_KEY, WEBHOOK_SECRET
-from tests.procs import Proc, clean_env, free_port, start, wait_ready
+from tests.conftest import WEBHOOK_KEY
+from tests.procs import Proc, free_port, serve_env, start, wait_ready
 from tests.signing import sign
 
 ROUTES = {Kind.IMAGE: "/api/webhooks/image-completion",
@@ -235,10 +235,8 @@ class Gateways:
     of thousands of requests are not piped through this process, which is also the sender."""
 
     def __init__(self, database_url: str, count: int) -> None:
-        self.env = clean_env(
-            DATABASE_URL=database_url,
-            WEBHOOK_SECRETS=WEBHOOK_SECRET,
-            AUTH_HS256_SECRET=HS256_SECRET,
+        self.env = serve_env(
+            database_url,
             DB_POOL_MIN="2",
             DB_POOL_MAX="8",
             LOG_LEVEL="warning",

@@ -25,8 +25,8 @@ import aiohttp
 import asyncpg
 
 from gateway.jobs.prompts import normalize
-from tests.conftest import HS256_SECRET, WEBHOOK_KEY, WEBHOOK_SECRET
-from tests.procs import Proc, clean_env, free_port, start, wait_ready
+from tests.conftest import WEBHOOK_KEY
+from tests.procs import Proc, free_port, serve_env, start, wait_ready
 from tests.reliability.cluster import Cluster, migrated_database, throwaway_cluster
 from tests.reliability.conftest import Figures
 from tests.signing import signed
@@ -197,8 +197,7 @@ class Killer:
 @contextlib.contextmanager
 def gateway(dsn: str) -> Iterator[tuple[Proc, int]]:
     port = free_port()
-    env = clean_env(DATABASE_URL=dsn, WEBHOOK_SECRETS=WEBHOOK_SECRET,
-                    AUTH_HS256_SECRET=HS256_SECRET, PORT=str(port), LOG_LEVEL="warning")
+    env = serve_env(dsn, PORT=str(port), LOG_LEVEL="warning")
     proc = start(["serve", "--no-migrate", "--workers", "2"], env)
     try:
         yield proc, port

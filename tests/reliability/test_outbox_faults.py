@@ -31,8 +31,7 @@ from gateway.delivery.dispatcher import (
 )
 from gateway.store import Database
 from tests.backend import ACCEPT, Call, Reply, ScriptedBackend, eventually, status
-from tests.conftest import HS256_SECRET, WEBHOOK_SECRET
-from tests.procs import Proc, clean_env, free_port, start, wait_ready
+from tests.procs import Proc, free_port, serve_env, start, wait_ready
 from tests.reliability.cluster import migrated_database, throwaway_cluster
 from tests.reliability.conftest import Figures
 from tests.tokens import bearer, hs256_token
@@ -194,10 +193,8 @@ async def test_three_processes_deliver_1000_jobs_of_a_faulty_backend_once_each_o
 ) -> None:
     backend = PlannedBackend()
     await backend.start(aiohttp_server)
-    env = clean_env(
-        DATABASE_URL=database_url,
-        WEBHOOK_SECRETS=WEBHOOK_SECRET,
-        AUTH_HS256_SECRET=HS256_SECRET,
+    env = serve_env(
+        database_url,
         BACKEND_URL=backend.url,
         BACKEND_TIMEOUT_SECONDS=str(TIMEOUT),
         DELIVERY_RETRY_SCHEDULE=" ".join(f"{int(s * 1000)}ms" for s in SCHEDULE),

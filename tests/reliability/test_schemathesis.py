@@ -36,7 +36,7 @@ from gateway.openapi import build_document
 from gateway.settings import Secret, Settings
 from tests.conftest import HS256_SECRET, WEBHOOK_KEY, WEBHOOK_SECRET
 from tests.pg import Databases
-from tests.procs import clean_env, free_port, start
+from tests.procs import free_port, serve_env, start
 from tests.signing import sign
 from tests.tokens import hs256_token
 
@@ -127,9 +127,7 @@ def gateway_url(databases: Databases) -> Iterator[str]:
     dsn = asyncio.run(databases.clone())
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start(["serve", "--no-migrate"], clean_env(
-        DATABASE_URL=dsn, WEBHOOK_SECRETS=WEBHOOK_SECRET, AUTH_HS256_SECRET=HS256_SECRET,
-        PORT=str(port)))
+    proc = start(["serve", "--no-migrate"], serve_env(dsn, PORT=str(port)))
     try:
         _wait_ready(url)
         with urllib.request.urlopen(f"{url}/openapi.json", timeout=10) as resp:
