@@ -26,6 +26,7 @@ from tests.reliability.served import (
     webhook_head,
 )
 from tests.signing import sign, signed
+from tests.tokens import hs256_token
 
 IMAGE = "/api/webhooks/image-completion"
 VIDEO = "/api/webhooks/video-completion"
@@ -210,6 +211,8 @@ HEAD_TIMEOUT = 3.0
 BODY_TIMEOUT = 3.0
 SLOW_HEADS = 150
 SLOW_BODIES = 150
+SLOW_KEPT_ALIVE = 20
+SLOW_API_BODIES = 20
 TRICKLE_SECONDS = 0.25
 # generous: a normal request on this shared machine answers in milliseconds
 NORMAL_BOUND_SECONDS = 5.0
@@ -217,10 +220,17 @@ NORMAL_BOUND_SECONDS = 5.0
 CLOSE_SLACK_SECONDS = 5.0
 
 
-async def _trickle(port: int, head: bytes, drip: bytes, give_up: float) -> tuple[float, int]:
+async def _trickle(port: int, head: bytes, drip: bytes, give_up: float,
+                   kept_alive: bool = False) -> tuple[float, int]:
     """Send `head` then `drip` one byte at a time until the server closes the connection;
-    (seconds it stayed open, status answered or 0)."""
+    (seconds it stayed open, status answered or 0). `kept_alive`: first one whole request
+    on the connection, answered, and only then the slow one."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if kept_alive:
+        writer.write(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        async with asyncio.timeout(give_up):
+            first = await read_response(reader)
+        assert first.status == 200
     started = time.monotonic()
     writer.write(head)
 
@@ -260,11 +270,19 @@ async def test_slow_clients_cannot_starve_normal_requests(
         slow_head = b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         body_head = webhook_head(IMAGE, sign(b"", WEBHOOK_KEY, "msg_slow", int(time.time())),
                                  100_000) + b"\r\n\r\n"
+        api_head = (b"POST /api/images/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 5000\r\n"
+                    b"Authorization: Bearer " + hs256_token("user_slow").encode() + b"\r\n\r\n")
         attack = [
             *(asyncio.create_task(_trickle(gw.port, slow_head, b"X-Slow: a\r\n", give_up))
               for _ in range(SLOW_HEADS)),
             *(asyncio.create_task(_trickle(gw.port, body_head, b'{"a": 1} ', give_up))
               for _ in range(SLOW_BODIES)),
+            *(asyncio.create_task(_trickle(gw.port, slow_head, b"X-Slow: a\r\n", give_up,
+                                           kept_alive=True))
+              for _ in range(SLOW_KEPT_ALIVE)),
+            *(asyncio.create_task(_trickle(gw.port, api_head, b'{"prompt": "x"} ', give_up))
+              for _ in range(SLOW_API_BODIES)),
         ]
         await asyncio.sleep(0.5)  # every slow connection is open and dripping
         latencies = []
@@ -284,11 +302,12 @@ async def test_slow_clients_cannot_starve_normal_requests(
                         answers.append((ready.status, {}))
                 latencies.append(time.monotonic() - started)
         results = await asyncio.gather(*attack)
-        heads, bodies = results[:SLOW_HEADS], results[SLOW_HEADS:]
+        heads = results[:SLOW_HEADS] + results[SLOW_HEADS + SLOW_BODIES:][:SLOW_KEPT_ALIVE]
+        bodies = results[SLOW_HEADS:SLOW_HEADS + SLOW_BODIES] + results[-SLOW_API_BODIES:]
         orphans = await _count(database_url, "SELECT count(*) FROM orphans")
 
-    figures["slow header connections"] = SLOW_HEADS
-    figures["slow body connections"] = SLOW_BODIES
+    figures["slow header connections"] = f"{SLOW_HEADS} new + {SLOW_KEPT_ALIVE} kept alive"
+    figures["slow body connections"] = f"{SLOW_BODIES} webhook + {SLOW_API_BODIES} client API"
     figures["header / body deadline seconds"] = f"{HEAD_TIMEOUT:g} / {BODY_TIMEOUT:g}"
     figures["normal request pairs under attack"] = len(latencies)
     figures["normal latency p50 s"] = round(statistics.median(latencies), 4)
