@@ -325,37 +325,32 @@ PLAN_SETTLED = """
 SELECT count(*) FROM reconcile_plan WHERE run_id = $1 AND outcome IN ('matched', 'expired')
 """
 
-# Undecided orphans are decided again; the earlier decision is kept aside, and put back
-# unless the new one is a match (its evidence tells what the orphan competed with).
-PLAN_SET_ASIDE = """
-CREATE TEMP TABLE reconcile_plan_aside
-    (LIKE reconcile_plan INCLUDING DEFAULTS) ON COMMIT DROP
+# Undecided orphans are decided again; the earlier decision is kept aside (under the
+# run's negated id) and put back unless the new one is a match: its evidence tells what
+# the orphan competed with.
+PLAN_RECONSIDER = """
+UPDATE reconcile_plan SET run_id = -run_id
+WHERE run_id = $1::bigint AND rule IN ('user_prompt', 'prompt_only')
+  AND outcome IN ('ambiguous', 'no_candidate')
 """
 
-PLAN_RECONSIDER = """
-WITH undecided AS (
-    DELETE FROM reconcile_plan
-    WHERE run_id = $1 AND rule IN ('user_prompt', 'prompt_only')
-      AND outcome IN ('ambiguous', 'no_candidate')
-    RETURNING *
-)
-INSERT INTO reconcile_plan_aside SELECT * FROM undecided
+PLAN_DROP_REDECIDED = """
+DELETE FROM reconcile_plan p
+USING reconcile_plan a
+WHERE p.run_id = $1::bigint AND a.run_id = -$1::bigint AND p.kind = a.kind
+  AND p.backend_job_id = a.backend_job_id AND p.outcome <> 'matched'
 """
 
 PLAN_PUT_BACK = """
-WITH replaced AS (
-    DELETE FROM reconcile_plan p
-    USING reconcile_plan_aside a
-    WHERE p.run_id = $1 AND a.run_id = $1 AND p.kind = a.kind
-      AND p.backend_job_id = a.backend_job_id AND p.outcome <> 'matched'
-    RETURNING a.id
-), restored AS (
-    DELETE FROM reconcile_plan_aside a USING replaced r WHERE a.id = r.id RETURNING a.*
-)
-INSERT INTO reconcile_plan (run_id, kind, backend_job_id, job_id, rule, outcome,
-                            first_seen_at, evidence, decided)
-SELECT run_id, kind, backend_job_id, job_id, rule, outcome, first_seen_at, evidence, decided
-FROM restored
+UPDATE reconcile_plan a SET run_id = $1::bigint
+WHERE a.run_id = -$1::bigint
+  AND NOT EXISTS (SELECT 1 FROM reconcile_plan p
+                  WHERE p.run_id = $1::bigint AND p.kind = a.kind
+                    AND p.backend_job_id = a.backend_job_id)
+"""
+
+PLAN_CLEAR_ASIDE = """
+DELETE FROM reconcile_plan WHERE run_id = -$1::bigint
 """
 
 PLAN_COUNTS = """
@@ -392,14 +387,15 @@ async def build_plan(conn: asyncpg.Connection, run_id: int, p: PlanParameters) -
             await conn.execute(PLAN_PROMPT_ONLY, run_id, p.window_seconds, p.skew_seconds)
             await conn.execute(PLAN_EXPIRE, run_id, p.run_at, p.expire_after_seconds)
             if not first_round:
+                await conn.execute(PLAN_DROP_REDECIDED, run_id)
                 await conn.execute(PLAN_PUT_BACK, run_id)
             now_settled = await conn.fetchval(PLAN_SETTLED, run_id)
             if now_settled == settled:
                 break
-            if first_round:
-                await conn.execute(PLAN_SET_ASIDE)
             settled, first_round = now_settled, False
+            await conn.execute(PLAN_CLEAR_ASIDE, run_id)
             await conn.execute(PLAN_RECONSIDER, run_id)
+        await conn.execute(PLAN_CLEAR_ASIDE, run_id)
     return await plan_counts(conn, run_id)
 
 
