@@ -8,6 +8,7 @@ from gateway import keys
 from gateway.api import setup_api
 from gateway.auth import setup_auth
 from gateway.database import setup_database
+from gateway.deadlines import body_deadline_middleware
 from gateway.delivery import setup_delivery
 from gateway.events import setup_events
 from gateway.health import setup_health
@@ -21,7 +22,7 @@ from gateway.webhooks import setup_webhooks
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[error_middleware, body_deadline_middleware],
         client_max_size=settings.request_max_body_bytes,
     )
     app[keys.SETTINGS] = settings

@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.deadlines import DeadlineSite
 from gateway.logging import configure as configure_logging
 from gateway.metrics import WORKER_RESTARTS, WORKER_STARTS
 from gateway.metrics import multiprocess as metrics_multiprocess
@@ -55,8 +56,9 @@ async def serve_forever(
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(
-            runner, settings.host, settings.port, reuse_port=reuse_port, backlog=2048
+        site = DeadlineSite(
+            runner, settings.host, settings.port, reuse_port=reuse_port, backlog=2048,
+            head_timeout=settings.http_header_timeout_seconds,
         )
         await site.start()
         WORKER_STARTS.inc()

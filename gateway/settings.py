@@ -74,6 +74,9 @@ class Settings:
     auth_hs256_secret: Secret | None = None
     request_max_body_bytes: int = 16 * 1024 * 1024
     sse_heartbeat_seconds: float = 15.0
+    # slow clients: a request head, and then its body, must arrive within these
+    http_header_timeout_seconds: float = 30.0
+    http_body_timeout_seconds: float = 60.0
     db_pool_min: int = 2
     db_pool_max: int = 10
     log_level: str = "info"
@@ -129,6 +132,8 @@ class Settings:
                 "REQUEST_MAX_BODY_BYTES", 16 * 1024 * 1024, low=1024
             ),
             sse_heartbeat_seconds=p.number("SSE_HEARTBEAT_SECONDS", 15.0, low=0.1),
+            http_header_timeout_seconds=p.number("HTTP_HEADER_TIMEOUT_SECONDS", 30.0, low=0.1),
+            http_body_timeout_seconds=p.number("HTTP_BODY_TIMEOUT_SECONDS", 60.0, low=0.1),
             db_pool_min=p.integer("DB_POOL_MIN", 2, low=0, high=1000),
             db_pool_max=p.integer("DB_POOL_MAX", 10, low=1, high=1000),
             log_level=p.choice(

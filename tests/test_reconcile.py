@@ -683,6 +683,27 @@ async def test_a_second_run_right_after_the_first_changes_nothing(
             second.counts["timed_out"]["image"]) == (0, 0, 0)
 
 
+async def test_a_match_that_frees_a_prompt_is_made_in_the_same_run_not_the_next(
+    db: Database, database_url: str
+) -> None:
+    # user_a's orphan takes user_a's job; the orphan without user then has one job left
+    # with its prompt and is the only open orphan carrying it: one run decides both, so a
+    # second run finds nothing more to do
+    job_a = await insert_job(db, user_id="user_a", prompt="a red fox", created_ago_seconds=60)
+    job_b = await insert_job(db, user_id="user_b", prompt="a red fox", created_ago_seconds=30)
+    named = await record_orphan(db, payload("named-1", user_id="user_a", prompt="a red fox"))
+    anonymous = await record_orphan(db, payload("anon-1", prompt="a red fox"))
+
+    first = await reconcile(database_url)
+    second = await reconcile(database_url)
+
+    assert (first.counts["matched"], second.counts["matched"]) == (2, 0)
+    assert (await orphan_row(db, named))["job_id"] == job_a
+    assert (await orphan_row(db, anonymous))["job_id"] == job_b
+    (decision,) = await decisions(db, anonymous)
+    assert (decision["rule"], decision["outcome"]) == ("prompt_only", "matched")
+
+
 async def test_a_dry_run_reports_what_a_run_would_do_and_changes_nothing(
     db: Database, database_url: str
 ) -> None:

@@ -2,8 +2,9 @@
 
 Whatever the mix: an orphan naming a user never reaches another user's job, no job gets two
 orphans, an ambiguous orphan is never linked, an orphan without user is linked only when
-its prompt points to exactly one job and exactly one orphan, and one user's orphans with
-one prompt are paired with that user's jobs in time order.
+its prompt points to exactly one job and one orphan left (the others went elsewhere in the
+same run), and one user's orphans with one prompt are paired with that user's jobs in time
+order.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ async def test_matching_never_crosses_users_never_links_twice_and_never_links_a_
         body = payload(f"bk-{n}", kind=o.kind, user_id=o.user, prompt=o.prompt)
         await record_orphan(db, body, kind=o.kind, seen_ago=o.seen_ago)
 
-    jobs_before = await db.fetch("SELECT kind, prompt_norm, status, created_at FROM jobs")
+    jobs_before = await db.fetch("SELECT id, kind, prompt_norm, status, created_at FROM jobs")
     result = await reconcile(database_url, window_seconds=WINDOW, image_timeout_seconds=10**6,
                              video_timeout_seconds=10**6)
 
@@ -128,23 +129,27 @@ async def test_matching_never_crosses_users_never_links_twice_and_never_links_a_
 
 
 def _check_prompt_only_matches(jobs_before: list[Any], rows: list[Any]) -> None:
-    """A userless match had one candidate across all users and one orphan with its prompt."""
+    """A userless match is the one candidate left with its prompt for the one orphan left
+    carrying it: every other candidate in its window, and every other orphan with its
+    prompt, went to another orphan or job in the same run."""
     window = dt.timedelta(seconds=WINDOW)
     skew = dt.timedelta(seconds=CLOCK_SKEW_SECONDS)
     for r in rows:
         if r["outcome"] != "matched" or r["user_id"] is not None:
             continue
         assert r["rule"] == "prompt_only"
-        carriers = [x for x in rows
-                    if x["kind"] == r["kind"] and x["prompt_norm"] == r["prompt_norm"]]
-        assert len(carriers) == 1
+        carriers = [x for x in rows if x is not r
+                    and x["kind"] == r["kind"] and x["prompt_norm"] == r["prompt_norm"]]
+        assert all(x["outcome"] == "matched" for x in carriers)
+        taken = {x["job_id"] for x in rows if x is not r and x["job_id"] is not None}
         candidates = [
-            j for j in jobs_before
+            j["id"] for j in jobs_before
             if j["kind"] == r["kind"] and j["prompt_norm"] == r["prompt_norm"]
             and j["status"] not in ("COMPLETED", "FAILED", "CANCELLED")
             and r["first_seen_at"] - window <= j["created_at"] <= r["first_seen_at"] + skew
+            and j["id"] not in taken
         ]
-        assert len(candidates) == 1
+        assert candidates == [r["job_id"]]
 
 
 def _check_time_order(rows: list[Any]) -> None:

@@ -14,6 +14,13 @@ def test_defaults_with_an_empty_environment() -> None:
     assert s.webhook_max_body_bytes == 1024 * 1024
     assert s.legacy_webhook_secret is None
     assert s.delivery_retry_schedule == DEFAULT_RETRY_SCHEDULE
+    assert (s.http_header_timeout_seconds, s.http_body_timeout_seconds) == (30.0, 60.0)
+
+
+def test_read_deadlines_come_from_the_environment() -> None:
+    s = Settings.from_env({"HTTP_HEADER_TIMEOUT_SECONDS": "5",
+                           "HTTP_BODY_TIMEOUT_SECONDS": "2.5"})
+    assert (s.http_header_timeout_seconds, s.http_body_timeout_seconds) == (5.0, 2.5)
 
 
 def test_every_contract_variable_is_read() -> None:
@@ -57,6 +64,8 @@ def test_every_contract_variable_is_read() -> None:
         ("AUTH_HS256_SECRET", "short"),
         ("DELIVERY_RETRY_SCHEDULE", "5s soon"),
         ("LOG_LEVEL", "loud"),
+        ("HTTP_HEADER_TIMEOUT_SECONDS", "0"),
+        ("HTTP_BODY_TIMEOUT_SECONDS", "soon"),
     ],
 )
 def test_malformed_value_names_the_variable(variable: str, value: str) -> None:

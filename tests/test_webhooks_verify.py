@@ -353,6 +353,20 @@ def test_every_malformed_signature_is_a_verification_failure(signature: str) -> 
         verifier().verify(headers, b"{}")
 
 
+def test_a_signature_with_its_unused_final_bits_changed_is_rejected() -> None:
+    # base64 decoders ignore the last character's spare bits; such a variant is not the
+    # signature that was sent, so it must not verify
+    headers = sign(b"{}", WEBHOOK_KEY, "msg_1", NOW)
+    encoded = headers["webhook-signature"].removeprefix("v1,")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = encoded.rstrip("=")[-1]
+    variant = alphabet[alphabet.index(last) ^ 1]
+    changed = encoded[: len(encoded.rstrip("=")) - 1] + variant + "="
+    assert base64.b64decode(changed) == base64.b64decode(encoded)
+    with pytest.raises(VerificationFailed):
+        verifier().verify(headers | {"webhook-signature": "v1," + changed}, b"{}")
+
+
 @hypothesis.settings(max_examples=300, deadline=None)
 @hypothesis.given(
     headers=st.dictionaries(

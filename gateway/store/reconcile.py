@@ -125,6 +125,10 @@ _CANDIDATE = """j.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')
       AND NOT EXISTS (SELECT 1 FROM job_aliases a WHERE a.job_id = j.id)
       AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id = j.id)"""
 
+# Not already given to an orphan by an earlier step of this run's plan.
+_NOT_TAKEN = """NOT EXISTS (SELECT 1 FROM reconcile_plan q
+                  WHERE q.run_id = $1 AND q.job_id = j.id AND q.outcome = 'matched')"""
+
 # Created within the window before the orphan was first seen, or a few seconds after.
 _IN_WINDOW = """j.created_at BETWEEN o.first_seen_at - make_interval(secs => $2)
                           AND o.first_seen_at + make_interval(secs => $3)"""
@@ -191,6 +195,7 @@ WITH ready AS (
     JOIN jobs j ON j.kind = o.kind AND j.prompt_norm = o.prompt_norm
                AND j.user_id = o.user_id
     WHERE {_CANDIDATE}
+      AND {_NOT_TAKEN}
       AND {_IN_WINDOW}
 ), counted AS (
     SELECT o.kind, o.backend_job_id, o.user_id, o.prompt_norm, o.first_seen_at,
@@ -260,6 +265,11 @@ WITH ready AS (
            (SELECT count(*) FROM (SELECT 1 FROM orphans x
                                   WHERE x.kind = o.kind AND x.prompt_norm = o.prompt_norm
                                     AND x.state = 'unresolved'
+                                    AND NOT EXISTS (
+                                        SELECT 1 FROM reconcile_plan q
+                                        WHERE q.run_id = $1 AND q.kind = x.kind
+                                          AND q.backend_job_id = x.backend_job_id
+                                          AND q.outcome IN ('matched', 'expired'))
                                   LIMIT 2) AS carriers) AS orphans_with_prompt
     FROM ready o
     CROSS JOIN LATERAL (
@@ -271,6 +281,7 @@ WITH ready AS (
               FROM jobs j
               WHERE j.kind = o.kind AND j.prompt_norm = o.prompt_norm
                 AND {_CANDIDATE}
+                AND {_NOT_TAKEN}
                 AND {_IN_WINDOW}
               ORDER BY j.created_at
               LIMIT 5) AS j
@@ -309,6 +320,39 @@ WHERE run_id = $1 AND outcome IN ('ambiguous', 'no_candidate')
   AND first_seen_at <= $2::timestamptz - make_interval(secs => $3)
 """
 
+# Matches and expiries are final within a run; the rest of a round is decided again.
+PLAN_SETTLED = """
+SELECT count(*) FROM reconcile_plan WHERE run_id = $1 AND outcome IN ('matched', 'expired')
+"""
+
+# Undecided orphans are decided again; the earlier decision is kept aside (under the
+# run's negated id) and put back unless the new one is a match: its evidence tells what
+# the orphan competed with.
+PLAN_RECONSIDER = """
+UPDATE reconcile_plan SET run_id = -run_id
+WHERE run_id = $1::bigint AND rule IN ('user_prompt', 'prompt_only')
+  AND outcome IN ('ambiguous', 'no_candidate')
+"""
+
+PLAN_DROP_REDECIDED = """
+DELETE FROM reconcile_plan p
+USING reconcile_plan a
+WHERE p.run_id = $1::bigint AND a.run_id = -$1::bigint AND p.kind = a.kind
+  AND p.backend_job_id = a.backend_job_id AND p.outcome <> 'matched'
+"""
+
+PLAN_PUT_BACK = """
+UPDATE reconcile_plan a SET run_id = $1::bigint
+WHERE a.run_id = -$1::bigint
+  AND NOT EXISTS (SELECT 1 FROM reconcile_plan p
+                  WHERE p.run_id = $1::bigint AND p.kind = a.kind
+                    AND p.backend_job_id = a.backend_job_id)
+"""
+
+PLAN_CLEAR_ASIDE = """
+DELETE FROM reconcile_plan WHERE run_id = -$1::bigint
+"""
+
 PLAN_COUNTS = """
 SELECT outcome, count(*) AS n FROM reconcile_plan WHERE run_id = $1 GROUP BY outcome
 """
@@ -324,14 +368,34 @@ class PlanParameters:
 
 
 async def build_plan(conn: asyncpg.Connection, run_id: int, p: PlanParameters) -> dict[str, int]:
-    """Decide for every open orphan, in one snapshot; returns the count per outcome."""
+    """Decide for every open orphan, in one snapshot; returns the count per outcome.
+
+    A match takes a job and an orphan out of the running and an expiry an orphan, which
+    can settle other orphans (one job left for a prompt, one orphan left carrying it, a
+    pairing in time order no longer shifted). The matching steps are repeated, with what
+    is settled left out, until a round settles nothing more: the plan is what any number
+    of runs in a row would decide, so a run right after it changes nothing.
+    """
     async with conn.transaction(isolation="repeatable_read"):
         await conn.execute(PLAN_ALIASES, run_id)
         await conn.execute(PLAN_WAITING, run_id, p.run_at, p.grace_seconds)
         await conn.execute(PLAN_NO_PROMPT, run_id)
-        await conn.execute(PLAN_USER_PROMPT, run_id, p.window_seconds, p.skew_seconds)
-        await conn.execute(PLAN_PROMPT_ONLY, run_id, p.window_seconds, p.skew_seconds)
-        await conn.execute(PLAN_EXPIRE, run_id, p.run_at, p.expire_after_seconds)
+        settled = await conn.fetchval(PLAN_SETTLED, run_id)
+        first_round = True
+        while True:
+            await conn.execute(PLAN_USER_PROMPT, run_id, p.window_seconds, p.skew_seconds)
+            await conn.execute(PLAN_PROMPT_ONLY, run_id, p.window_seconds, p.skew_seconds)
+            await conn.execute(PLAN_EXPIRE, run_id, p.run_at, p.expire_after_seconds)
+            if not first_round:
+                await conn.execute(PLAN_DROP_REDECIDED, run_id)
+                await conn.execute(PLAN_PUT_BACK, run_id)
+            now_settled = await conn.fetchval(PLAN_SETTLED, run_id)
+            if now_settled == settled:
+                break
+            settled, first_round = now_settled, False
+            await conn.execute(PLAN_CLEAR_ASIDE, run_id)
+            await conn.execute(PLAN_RECONSIDER, run_id)
+        await conn.execute(PLAN_CLEAR_ASIDE, run_id)
     return await plan_counts(conn, run_id)
 
 

@@ -115,6 +115,10 @@ class Verifier:
                 presented_mac = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError):
                 continue
+            # the decoder ignores a final character's unused bits: only the canonical
+            # encoding counts, so a signature with any byte changed never matches
+            if base64.b64encode(presented_mac).decode("ascii") != encoded:
+                continue
             for mac in expected:
                 if hmac.compare_digest(mac, presented_mac):
                     return Verified(msg_id)
