@@ -117,3 +117,29 @@ async def test_next_due_says_when_the_next_row_may_be_claimed(db: Database) -> N
         assert 55 < (await outbox.next_due_in(conn) or 0) <= 60  # the lease's end
         await outbox.reschedule(conn, claimed, owner="a", delay_seconds=30, error="HTTP 500")
         assert 25 < (await outbox.next_due_in(conn) or 0) <= 30
+
+
+async def test_the_dispatchers_bookkeeping_commits_without_waiting_for_its_flush(
+    db: Database,
+) -> None:
+    """A lease, a reschedule and an accepted call may be forgotten by a crash (the row is
+    sent again under the same key): their transactions commit without waiting for the
+    flush, and the setting ends with them."""
+    await enqueued(db)
+    update = store_jobs.JobUpdate(event=Event(Status.QUEUED), source="delivery")
+    async with db.connection() as conn:
+        async with conn.transaction():
+            rows = await outbox.claim(conn, owner="w", lease_seconds=60, limit=10)
+            assert len(rows) == 1
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        async with conn.transaction():
+            assert await outbox.reschedule(conn, rows[0], owner="w", delay_seconds=0,
+                                           error="x")
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"
+        (again,) = await outbox.claim(conn, owner="w", lease_seconds=60, limit=10)
+        async with conn.transaction():
+            done = await outbox.delivered_and_apply(conn, again, update)
+            assert done not in (None, False)
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"

@@ -65,8 +65,16 @@ _TERMINAL_STATUSES = "('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')"
 # Due rows nobody holds a live lease on. A cancel waits until its job's generate row is
 # settled, so the two never reach the backend at once and the cancel names the right id; a
 # generate row whose job already ended is due at once (it is settled without a call).
+# The dispatcher's own bookkeeping (a lease taken, a row given back for later, an accepted
+# call recorded) need not wait for its WAL flush: a crash that forgets it leaves the row to
+# be sent again under the same Idempotency-Key, which the backend answers as the first
+# time. Not waiting matters because every commit that NOTIFYs holds one lock through its
+# flush: the job creations' commits, which must be durable, would queue behind these. A
+# common table expression of the statement sets it for the statement's own transaction.
+_ASYNC_COMMIT = "async_commit AS (SELECT set_config('synchronous_commit', 'off', true))"
+
 CLAIM = f"""
-WITH due AS (
+WITH {_ASYNC_COMMIT}, due AS (
     SELECT o.id
     FROM outbox o
     JOIN jobs j ON j.id = o.job_id
@@ -86,7 +94,7 @@ UPDATE outbox o
 SET leased_until = now() + make_interval(secs => $2),
     lease_owner = $1,
     attempts = o.attempts + 1
-FROM due, jobs j
+FROM due, jobs j, async_commit
 WHERE o.id = due.id AND j.id = o.job_id
 RETURNING o.id, o.job_id, o.action, o.payload, o.attempts, j.kind, j.status, j.user_id,
           j.progress, j.seq, j.created_at, j.first_webhook_at,
@@ -122,8 +130,10 @@ RETURNING id
 DELIVERED_AND_APPLY = store_jobs.guarded(
     False,
     f"""
-job AS (
-    SELECT id FROM jobs WHERE id = $1 AND seq = ${store_jobs.APPLY_PARAMETERS + 1} FOR UPDATE
+{_ASYNC_COMMIT}, job AS (
+    SELECT id FROM jobs, async_commit
+    WHERE id = $1 AND seq = ${store_jobs.APPLY_PARAMETERS + 1}
+    FOR UPDATE OF jobs
 ), settled AS (
     UPDATE outbox
     SET delivered_at = now(), payload = NULL, leased_until = NULL, lease_owner = NULL,
@@ -148,10 +158,12 @@ WHERE id = $1 AND lease_owner = $2 AND attempts = $3
 RETURNING id
 """
 
-RESCHEDULE = """
+RESCHEDULE = f"""
+WITH {_ASYNC_COMMIT}
 UPDATE outbox
 SET due_at = now() + make_interval(secs => $4), leased_until = NULL, lease_owner = NULL,
     last_error = $5
+FROM async_commit
 WHERE id = $1 AND lease_owner = $2 AND attempts = $3
   AND delivered_at IS NULL AND failed_at IS NULL
 RETURNING id
