@@ -274,6 +274,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def postgres_cpu_seconds() -> float:
+    """CPU seconds of every PostgreSQL process on the machine so far."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == "postgres":
+                total += cpu_seconds(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 @contextlib.contextmanager
 def profiled(pids: Sequence[int], out_dir: Path, seconds: float, enabled: bool) -> Iterator[None]:
     """`py-spy record` on each pid for `seconds` while the body runs (when enabled)."""

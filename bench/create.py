@@ -30,6 +30,7 @@ from bench.common import (
     gateway_env,
     median,
     new_webhook_secret,
+    postgres_cpu_seconds,
     profiled,
     scratch_database,
     wait_for_quiet,
@@ -165,11 +166,17 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                     await server.wait_ready()
                     pids = server.pids()
                     cpu_before = {pid: cpu_seconds(pid) for pid in pids}
+                    pg_cpu_before = postgres_cpu_seconds()
+                    backend_cpu_before = cpu_seconds(backend.pid)
                     print(f"create #{rep + 1}: sending {count:,} creations over "
                           f"{CONNECTIONS} connections", flush=True)
                     with profiled(pids, out, args.profile_seconds, args.profile and rep == 0):
                         gateway = replay(stream_path, port, connections=CONNECTIONS)
                     gateway_cpu = sum(cpu_seconds(pid) - cpu_before[pid] for pid in pids)
+                    # during the burst: the database, and the backend double the dispatchers
+                    # deliver to meanwhile
+                    pg_cpu = postgres_cpu_seconds() - pg_cpu_before
+                    backend_cpu = cpu_seconds(backend.pid) - backend_cpu_before
                     after = await _counts(conn)
                     # the outbox drains after the burst: every job reaches the backend
                     drain_started = time.monotonic()
@@ -191,6 +198,8 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                     "load_before": load,
                     "gateway": {**gateway.as_dict(), "errors": errors},
                     "gateway_cpu_seconds": round(gateway_cpu, 2),
+                    "postgres_cpu_seconds": round(pg_cpu, 2),
+                    "backend_double_cpu_seconds": round(backend_cpu, 2),
                     "pgbench": limit.as_dict(),
                     "ratio": gateway.throughput / limit.tps,
                     "effects": {"jobs": created, "outbox_rows": queued, "expected": count,
@@ -202,8 +211,9 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                       f"p50 {gateway.p50_ms:.1f} ms p99 {gateway.p99_ms:.1f} ms errors {errors}; "
                       f"pgbench {limit.tps:,.0f}/s; ratio {gateway.throughput / limit.tps:.2f}; "
                       f"jobs {created:,}, outbox {queued:,}, delivered {delivered:,} "
-                      f"({drain:.1f} s after the burst); CPU s: gateway {gateway_cpu:.1f}, "
-                      f"sender {gateway.sender_cpu_seconds:.1f}", flush=True)
+                      f"({drain:.1f} s after the burst); CPU s during the burst: gateway "
+                      f"{gateway_cpu:.1f}, postgres {pg_cpu:.1f}, backend double "
+                      f"{backend_cpu:.1f}, sender {gateway.sender_cpu_seconds:.1f}", flush=True)
         finally:
             backend.terminate()
             await backend.wait()

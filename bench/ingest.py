@@ -36,6 +36,7 @@ from bench.common import (
     gateway_env,
     median,
     new_webhook_secret,
+    postgres_cpu_seconds,
     profiled,
     scratch_database,
     wait_for_quiet,
@@ -306,18 +307,6 @@ async def check_effects(
 # --- one repetition ------------------------------------------------------------------------------
 
 
-def _postgres_cpu() -> float:
-    """CPU seconds of every PostgreSQL process on the machine so far."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "comm").read_text().strip() == "postgres":
-                total += cpu_seconds(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
 
 
 async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[str, Any]]:
@@ -370,14 +359,14 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                     await server.wait_ready()
                     pids = server.pids()
                     cpu_before = {pid: cpu_seconds(pid) for pid in pids}
-                    pg_cpu_before = _postgres_cpu()
+                    pg_cpu_before = postgres_cpu_seconds()
                     print(f"ingest #{rep + 1}: sending {len(stream):,} webhooks "
                           f"({duplicates:,} duplicates) over {CONNECTIONS} connections",
                           flush=True)
                     with profiled(pids, out, args.profile_seconds, args.profile and rep == 0):
                         gateway = replay(stream_path, port, connections=CONNECTIONS)
                     gateway_cpu = sum(cpu_seconds(pid) - cpu_before[pid] for pid in pids)
-                    pg_cpu = _postgres_cpu() - pg_cpu_before
+                    pg_cpu = postgres_cpu_seconds() - pg_cpu_before
                 finally:
                     server.stop()
                 after_run, claims_after = await limit_run(1)
