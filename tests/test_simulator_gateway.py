@@ -13,6 +13,7 @@ from gateway.app import create_app
 from gateway.settings import Secret, Settings
 from gateway.simulator import SimulatedBackend, SimulatorConfig, parse_mode
 from gateway.store import Database
+from tests.backend import eventually
 from tests.conftest import WEBHOOK_SECRET
 from tests.tokens import hs256_token
 
@@ -134,7 +135,18 @@ async def test_a_lost_own_id_leaves_orphans_for_the_reconciler(
     client, backend = await gateway_and_backend(aiohttp_server, aiohttp_client, make_settings,
                                                 "own-uuid+lost-answer")
     result = await run_one(client, backend, kind="videos")
-    assert result["status"] == "QUEUED"
+
+    # the lost answer is retried (the backend answers the same own id again) while the
+    # backend's webhooks arrive under that id: wait for the retry's outcome, not a race
+    async def delivered() -> bool:
+        row = await db.fetchrow("SELECT delivered_at FROM outbox WHERE job_id = $1",
+                                result["job_id"])
+        return row is not None and row["delivered_at"] is not None
+
+    await eventually(delivered)
+    job = await db.fetchrow("SELECT status FROM jobs WHERE id = $1", result["job_id"])
+    assert job is not None
+    assert job["status"] == "QUEUED"
     (backend_id,) = backend.jobs
     orphan = await db.fetchrow("SELECT user_id, prompt, state, event_count FROM orphans "
                                "WHERE backend_job_id = $1", backend_id)
