@@ -14,9 +14,10 @@ from prometheus_client import REGISTRY
 
 from gateway.jobs.kinds import Kind
 from gateway.jobs.prompts import fingerprint, normalize
-from gateway.jobs.state import Event, Status
+from gateway.jobs.state import Event, Status, transition
 from gateway.store import Database, orphans
 from gateway.store import jobs as store_jobs
+from gateway.store import webhooks as store_webhooks
 from gateway.store.jobs import JobUpdate
 from tests.conftest import WEBHOOK_KEY, WEBHOOK_SECRET
 from tests.factories import insert_job
@@ -416,9 +417,6 @@ async def test_a_job_changed_after_it_was_read_is_decided_again_under_its_lock(
 async def test_the_guarded_statement_writes_nothing_when_the_seq_moved_or_the_key_is_taken(
     db: Database,
 ) -> None:
-    from gateway.jobs.state import transition
-    from gateway.store import webhooks as store_webhooks
-
     job_id = await insert_job(db)
     async with db.transaction() as conn:
         job = await store_jobs.lock(conn, job_id)

@@ -134,10 +134,12 @@ WHERE o.delivered_at IS NULL AND o.failed_at IS NULL
 
 # Whoever holds the row, an accepted call settles it: the backend has the job either way.
 # The payload goes (it may hold a 10 MiB input image).
-MARK_DELIVERED = """
+_SET_DELIVERED = """SET delivered_at = now(), payload = NULL, leased_until = NULL,
+    lease_owner = NULL, last_error = NULL"""
+
+MARK_DELIVERED = f"""
 UPDATE outbox
-SET delivered_at = now(), payload = NULL, leased_until = NULL, lease_owner = NULL,
-    last_error = NULL
+{_SET_DELIVERED}
 WHERE id = $1 AND delivered_at IS NULL AND failed_at IS NULL
 RETURNING id
 """
@@ -154,8 +156,7 @@ DELIVERED_AND_APPLY = store_jobs.guarded(
     FOR UPDATE OF jobs
 ), settled AS (
     UPDATE outbox
-    SET delivered_at = now(), payload = NULL, leased_until = NULL, lease_owner = NULL,
-        last_error = NULL
+    {_SET_DELIVERED}
     WHERE id = ${store_jobs.APPLY_PARAMETERS + 2} AND delivered_at IS NULL
       AND failed_at IS NULL AND EXISTS (SELECT 1 FROM job)
     RETURNING id
@@ -210,28 +211,34 @@ class Claimed:
     """One claimed row, with what sending it needs to know about its job."""
 
     id: int
-    job_id: str
-    kind: Kind
     action: str
     payload: Any
     # this claim's number: 1 for the first attempt
     attempts: int
-    job_status: Status
     # the backend's own id for the job, when its answer (or the reconciler) recorded one
     backend_job_id: str | None
     # the job as the claim read it (not locked: it may have moved on since)
     job: LockedJob
 
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    @property
+    def kind(self) -> Kind:
+        return self.job.kind
+
+    @property
+    def job_status(self) -> Status:
+        return self.job.state.status
+
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> Claimed:
         return cls(
             id=r["id"],
-            job_id=r["job_id"],
-            kind=Kind(r["kind"]),
             action=r["action"],
             payload=r["payload"],
             attempts=r["attempts"],
-            job_status=Status(r["status"]),
             backend_job_id=r["backend_job_id"],
             job=LockedJob.from_record(r, id_column="job_id"),
         )

@@ -68,17 +68,23 @@ class Ingested:
     orphan_event_id: int | None = None
 
 
+def _claim_for_job(key: str, kind: str, backend_id: str, status: str) -> str:
+    """The delivery's claim as an `applied` delivery of the job in the CTE `job` (no job:
+    no claim), given the parameters holding each value."""
+    return f"""claim AS (
+    INSERT INTO webhook_deliveries (dedupe_key, kind, backend_job_id, job_id, event_status,
+                                    outcome)
+    SELECT {key}, {kind}, {backend_id}, job.id, {status}, 'applied' FROM job
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING dedupe_key
+)"""
+
+
 # The job's row lock (the same resolution as jobs.lock_for_backend_id: our id, else an
 # alias), and the delivery's claim, in one statement. No job: no claim; see ingest.
 CLAIM_AND_LOCK = f"""
 WITH job AS ({store_jobs.LOCK_BY_BACKEND_ID}),
-claim AS (
-    INSERT INTO webhook_deliveries (dedupe_key, kind, backend_job_id, job_id, event_status,
-                                    outcome)
-    SELECT $3, $2, $1, job.id, $4, 'applied' FROM job
-    ON CONFLICT (dedupe_key) DO NOTHING
-    RETURNING dedupe_key
-)
+{_claim_for_job("$3", "$2", "$1", "$4")}
 SELECT job.*, EXISTS (SELECT 1 FROM claim) AS claimed FROM job
 """
 
@@ -110,13 +116,7 @@ def _claim_then_apply(finished: bool) -> str:
     ctes = f"""
 job AS (
     SELECT id FROM jobs WHERE id = $1 AND seq = {seq} FOR UPDATE
-), claim AS (
-    INSERT INTO webhook_deliveries (dedupe_key, kind, backend_job_id, job_id, event_status,
-                                    outcome)
-    SELECT {key}, {kind}, {backend_id}, job.id, {status}, 'applied' FROM job
-    ON CONFLICT (dedupe_key) DO NOTHING
-    RETURNING dedupe_key
-), flags AS (
+), {_claim_for_job(key, kind, backend_id, status)}, flags AS (
     SELECT EXISTS (SELECT 1 FROM job) AS locked, EXISTS (SELECT 1 FROM claim) AS claimed
 )"""
     return store_jobs.guarded(
