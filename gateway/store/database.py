@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -86,11 +87,20 @@ async def connect(dsn: str) -> asyncpg.Connection:
 
 
 class Database:
-    """Owns the asyncpg pool; store functions borrow connections from it."""
+    """Owns the asyncpg pool; store functions borrow connections from it.
+
+    Borrowers queue first come, first served. asyncpg's pool hands a returned connection
+    to whichever task asks next, not to the one that waited longest: a waiter woken for a
+    connection that a newcomer took meanwhile goes to the back of the line again. Under
+    load that made some webhooks wait several times as long as the median. A semaphore
+    of the pool's size, which serves its waiters in order, admits borrowers to the pool,
+    which then always has a connection ready for them.
+    """
 
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
         self.dsn = dsn
+        self._turns = asyncio.Semaphore(pool.get_max_size())
 
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Database:
@@ -106,34 +116,42 @@ class Database:
             )
         return cls(pool, dsn)
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, seconds: float = 10.0) -> None:
+        """Close the connections gracefully, or after `seconds` terminate them: asyncpg waits
+        for every borrowed connection to come back, and a shutdown must not hang on one."""
+        try:
+            await asyncio.wait_for(self.pool.close(), seconds)
+        except TimeoutError:
+            self.pool.terminate()
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        with translate_errors():
-            async with self.pool.acquire() as conn:
-                yield conn
+        async with self._turns:
+            with translate_errors():
+                async with self.pool.acquire() as conn:
+                    yield conn
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
         """A connection inside one transaction: committed on exit, rolled back on error."""
-        with translate_errors():
-            async with self.pool.acquire() as conn, conn.transaction():
-                yield conn
+        async with self._turns:
+            with translate_errors():
+                async with self.pool.acquire() as conn, conn.transaction():
+                    yield conn
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        with translate_errors():
-            return await self.pool.fetchval(query, *args)
+        async with self.connection() as conn:
+            return await conn.fetchval(query, *args)
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        with translate_errors():
-            return await self.pool.fetchrow(query, *args)
+        async with self.connection() as conn:
+            record: asyncpg.Record | None = await conn.fetchrow(query, *args)
+            return record
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        with translate_errors():
-            return list(await self.pool.fetch(query, *args))
+        async with self.connection() as conn:
+            return list(await conn.fetch(query, *args))
 
     async def execute(self, query: str, *args: Any) -> str:
-        with translate_errors():
-            return str(await self.pool.execute(query, *args))
+        async with self.connection() as conn:
+            return str(await conn.execute(query, *args))
