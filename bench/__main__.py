@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ingest-jobs", type=int, default=16_000,
                         help="jobs that get webhooks per ingest repetition (default 16000: "
                         "40000 requests)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="`serve --workers N` for ingest and create (default 1: on two "
+                        "cores shared with PostgreSQL, one worker leaves it the other)")
     parser.add_argument("--creates", type=int, default=20_000,
                         help="job creations per create repetition (default 20000)")
     parser.add_argument("--subscribers", type=int, default=1000,

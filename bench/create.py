@@ -1,7 +1,7 @@
-"""Job creation: POST /api/images/generate with HS256 tokens against `serve --workers 2`, its
-outbox delivered meanwhile to a fast backend double; beside pgbench running the gateway's own
-insert (CREATE_AND_ENQUEUE: the job and its outbox row in one statement) at the same
-concurrency.
+"""Job creation: POST /api/images/generate with HS256 tokens against `serve --workers N`
+(`--workers`, default 1), its outbox delivered meanwhile to a fast backend double; beside
+pgbench running the gateway's own insert (CREATE_AND_ENQUEUE: the job and its outbox row in
+one statement) at the same concurrency.
 
 Each repetition sends a known number of creations, each once; the database must then hold
 exactly that many new jobs, each with its outbox row.
@@ -160,7 +160,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                 write_requests(stream_path, stream)
                 env = gateway_env(dsn, port, WEBHOOK_SECRETS=secret, AUTH_HS256_SECRET=hs_secret,
                                   BACKEND_URL=f"http://127.0.0.1:{backend_port}")
-                server = Server(["serve", "--workers", "2", "--no-migrate"], env,
+                server = Server(["serve", "--workers", str(args.workers), "--no-migrate"], env,
                                 out / f"create-server-{rep}.log")
                 try:
                     await server.wait_ready()

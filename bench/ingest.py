@@ -1,11 +1,13 @@
-"""Webhook ingest: pre-signed webhooks against `serve --workers 2`, beside pgbench running the
-gateway's own per-webhook SQL on the same preloaded jobs, at the same concurrency.
+"""Webhook ingest: pre-signed webhooks against `serve --workers N` (`--workers`, default 1),
+beside pgbench running the gateway's own per-webhook SQL on the same preloaded jobs, at the
+same concurrency.
 
 Each repetition uses jobs of its own (none touched before): W jobs get a progress webhook
 (`generating`, 50 %) and then a completion with 2 files, and a quarter of those deliveries
 are sent again (20 % of all requests are duplicates). A job's completion is sent 64 requests
-after its progress, and never before the progress is answered (as the backend sends them),
-so nothing is stale: the database must then hold exactly
+after its progress, and never before the progress is answered (as the backend sends them);
+a repeated completion waits for that answer too (a sender retries only what it sent), so
+nothing is stale: the database must then hold exactly
 W completed jobs, 2W events, 2W files, W notifications, 2W dedupe rows.
 
 pgbench runs the same statements per webhook (PEEK, which reads the job and whether the key is
@@ -149,9 +151,10 @@ def build_stream(
             items.append((base + len(chunk) + n, raw_request("POST", route, port, headers, body),
                           base + n))
     # a quarter of the deliveries again (a fifth of all requests), each some time after the
-    # first copy, as a sender's retry would come
+    # first copy, as a sender's retry would come, and after what the first copy waited for
+    # (else a repeated completion could overtake its job's progress, which is then stale)
     picked = rng.sample(range(len(items)), len(items) // 4)
-    items += [(items[n][0] + rng.uniform(1, 2000), items[n][1], -1.0) for n in picked]
+    items += [(items[n][0] + rng.uniform(1, 2000), items[n][1], items[n][2]) for n in picked]
     items.sort(key=lambda item: item[0])
     position = {order: n for n, (order, _, _) in enumerate(items)}
     after = [position[first] if first >= 0 else -1 for _, _, first in items]
@@ -353,7 +356,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                 stream_path = out / f"ingest-stream-{rep}.bin"
                 write_requests(stream_path, stream, after)
                 env = gateway_env(dsn, port, WEBHOOK_SECRETS=secret, AUTH_HS256_SECRET=hs_secret)
-                server = Server(["serve", "--workers", "2", "--no-migrate"], env,
+                server = Server(["serve", "--workers", str(args.workers), "--no-migrate"], env,
                                 out / f"ingest-server-{rep}.log")
                 try:
                     await server.wait_ready()
