@@ -917,59 +917,50 @@ _LATEST_SUCCESS = """r.id IS NOT DISTINCT FROM (SELECT s.id FROM reconcile_runs 
               WHERE s.state = 'succeeded' AND NOT s.dry_run
               ORDER BY s.finished_at DESC, s.id DESC LIMIT 1)"""
 
-# One batch, one statement (so its row locks last one short transaction): the next
-# `$4` candidates in (created_at, id) order from the partial index
-# reconcile_decisions_prunable (its predicate word for word), those not kept deleted by
-# their physical address (a TID scan; a row updated meanwhile is left alone). The
-# caller continues after the last candidate, so a kept row is read once per pass, not
-# once per batch.
-PRUNE_DECISIONS = f"""
+def _prune_batch(table: str, alias: str, at: str, candidates: str, kept: str) -> str:
+    """One batch, one statement (so its row locks last one short transaction): the next
+    `$4` rows of `table` matching `candidates`, older than `$1`, in (`at`, id) order after
+    ($2, $3), read from an index; those not `kept` deleted by their physical address (a TID
+    scan; a row updated meanwhile is left alone). The caller continues after the last
+    candidate, so a kept row is read once per pass, not once per batch."""
+    return f"""
 WITH batch AS (
-    SELECT d.ctid, d.id, d.created_at FROM reconcile_decisions d
-    WHERE d.outcome IN ('waiting', 'ambiguous', 'no_candidate')
-      AND d.created_at < $1
-      AND (d.created_at, d.id) > ($2::timestamptz, $3::bigint)
-    ORDER BY d.created_at, d.id
+    SELECT {alias}.ctid, {alias}.id, {alias}.{at} FROM {table} {alias}
+    WHERE {candidates} AND {alias}.{at} < $1
+      AND ({alias}.{at}, {alias}.id) > ($2::timestamptz, $3::bigint)
+    ORDER BY {alias}.{at}, {alias}.id
     LIMIT $4
 ), pruned AS (
-    DELETE FROM reconcile_decisions d
-    WHERE d.ctid = ANY(ARRAY(SELECT b.ctid FROM batch b))
-      AND NOT {_LATEST_OF_OPEN_ORPHAN}
-    RETURNING d.id
+    DELETE FROM {table} {alias}
+    WHERE {alias}.ctid = ANY(ARRAY(SELECT b.ctid FROM batch b))
+      AND NOT ({kept})
+    RETURNING {alias}.id
 )
 SELECT (SELECT count(*) FROM batch) AS scanned,
        (SELECT count(*) FROM pruned) AS pruned,
-       last.created_at AS after_at, last.id AS after_id
+       last.{at} AS after_at, last.id AS after_id
 FROM (SELECT 1) AS one
-LEFT JOIN (SELECT b.created_at, b.id FROM batch b
-           ORDER BY b.created_at DESC, b.id DESC LIMIT 1) AS last ON true
+LEFT JOIN (SELECT b.{at}, b.id FROM batch b
+           ORDER BY b.{at} DESC, b.id DESC LIMIT 1) AS last ON true
 """
 
-# Runs finished before the cutoff, in (finished_at, id) order from
-# reconcile_runs_finished; the decisions' foreign key is looked up through
-# reconcile_decisions_run.
-PRUNE_RUNS = f"""
-WITH batch AS (
-    SELECT r.ctid, r.id, r.finished_at FROM reconcile_runs r
-    WHERE r.finished_at IS NOT NULL AND r.finished_at < $1
-      AND (r.finished_at, r.id) > ($2::timestamptz, $3::bigint)
-    ORDER BY r.finished_at, r.id
-    LIMIT $4
-), pruned AS (
-    DELETE FROM reconcile_runs r
-    WHERE r.ctid = ANY(ARRAY(SELECT b.ctid FROM batch b))
-      AND r.state <> 'running'
-      AND NOT EXISTS (SELECT 1 FROM reconcile_decisions d WHERE d.run_id = r.id)
-      AND NOT {_LATEST_SUCCESS}
-    RETURNING r.id
+
+# Decisions from the partial index reconcile_decisions_prunable (its predicate word for
+# word).
+PRUNE_DECISIONS = _prune_batch(
+    "reconcile_decisions", "d", "created_at",
+    "d.outcome IN ('waiting', 'ambiguous', 'no_candidate')",
+    _LATEST_OF_OPEN_ORPHAN,
 )
-SELECT (SELECT count(*) FROM batch) AS scanned,
-       (SELECT count(*) FROM pruned) AS pruned,
-       last.finished_at AS after_at, last.id AS after_id
-FROM (SELECT 1) AS one
-LEFT JOIN (SELECT b.finished_at, b.id FROM batch b
-           ORDER BY b.finished_at DESC, b.id DESC LIMIT 1) AS last ON true
-"""
+
+# Runs finished before the cutoff, from reconcile_runs_finished; the decisions' foreign
+# key is looked up through reconcile_decisions_run.
+PRUNE_RUNS = _prune_batch(
+    "reconcile_runs", "r", "finished_at",
+    "r.finished_at IS NOT NULL",
+    "r.state = 'running' OR EXISTS (SELECT 1 FROM reconcile_decisions d WHERE d.run_id = r.id)"
+    f" OR {_LATEST_SUCCESS}",
+)
 
 # What a real pass would prune (for a dry run): the runs counted are those whose every
 # decision would be pruned too.
