@@ -134,10 +134,8 @@ class Database:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
         """A connection inside one transaction: committed on exit, rolled back on error."""
-        async with self._turns:
-            with translate_errors():
-                async with self.pool.acquire() as conn, conn.transaction():
-                    yield conn
+        async with self.connection() as conn, conn.transaction():
+            yield conn
 
     async def fetchval(self, query: str, *args: Any) -> Any:
         async with self.connection() as conn:
