@@ -15,8 +15,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway.store import Database
-from tests.conftest import WEBHOOK_SECRET
-from tests.procs import Proc, clean_env, free_port, start, wait_ready
+from tests.procs import Proc, free_port
+from tests.reliability.served import served
 from tests.tokens import KeyPair, jwks
 
 
@@ -36,20 +36,15 @@ class Gateway:
 
 @contextlib.asynccontextmanager
 async def serve_gateway(database_url: str, **env: str) -> AsyncIterator[Gateway]:
-    """`python -m gateway serve` on a free port against this (migrated) database."""
-    port = free_port()
-    proc = start(["serve", "--no-migrate"], clean_env(
-        DATABASE_URL=database_url, WEBHOOK_SECRETS=WEBHOOK_SECRET, PORT=str(port),
-        LOG_LEVEL="info", **env))
-    try:
-        await wait_ready(port, timeout=30)
-        yield Gateway(proc, port)
-    finally:
-        code, err = proc.stop()
-    # reached only when the scenario itself passed, so its own failure is the one reported
-    assert code == 0, err[-3000:]
+    """`python -m gateway serve` on a free port against this (migrated) database, logging at
+    info, with only the authentication `env` names."""
+    settings: dict[str, str | None] = {"AUTH_HS256_SECRET": None, "LOG_LEVEL": "info", **env}
+    async with served(database_url, **settings) as server:
+        gateway = Gateway(server.proc, server.port)
+        yield gateway
+    # reached only when the scenario itself passed, so its own failure is the one reported;
     # an unexpected exception in a handler is logged at error level (and answered 500)
-    assert '"level": "error"' not in err, err[-3000:]
+    assert '"level": "error"' not in gateway.proc.stderr, gateway.proc.stderr[-3000:]
 
 
 class JWKSServer:

@@ -30,15 +30,18 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def served(database_url: str, **env: str) -> AsyncIterator[Served]:
-    """`python -m gateway serve` on a free port, ready; stopped (and checked) on exit."""
+async def served(database_url: str, **env: str | None) -> AsyncIterator[Served]:
+    """`python -m gateway serve` on a free port, ready; stopped (and checked) on exit.
+    `env` adds settings or, with None, leaves out one of the defaults."""
     port = free_port()
-    settings = {"DATABASE_URL": database_url, "WEBHOOK_SECRETS": WEBHOOK_SECRET,
-                "AUTH_HS256_SECRET": HS256_SECRET, "PORT": str(port), "LOG_LEVEL": "warning"}
+    settings: dict[str, str | None] = {
+        "DATABASE_URL": database_url, "WEBHOOK_SECRETS": WEBHOOK_SECRET,
+        "AUTH_HS256_SECRET": HS256_SECRET, "PORT": str(port), "LOG_LEVEL": "warning"}
     settings.update(env)
-    proc = start(["serve", "--no-migrate"], clean_env(**settings))
+    proc = start(["serve", "--no-migrate"],
+                 clean_env(**{k: v for k, v in settings.items() if v is not None}))
     try:
-        await wait_ready(port, timeout=20)
+        await wait_ready(port, timeout=30)
         yield Served(port, proc)
     finally:
         code, err = proc.stop()
