@@ -10,11 +10,11 @@ a repeated completion waits for that answer too (a sender retries only what it s
 nothing is stale: the database must then hold exactly
 W completed jobs, 2W events, 2W files, W notifications, 2W dedupe rows.
 
-pgbench runs the same statements per webhook (PEEK, which reads the job and whether the key is
-taken, then CLAIM_AND_APPLY, or on completion CLAIM_AND_APPLY_FINISHED with the files and the
-owner's notification: each statement its own transaction, as in the gateway), in the same
-mix: per client, per 5 webhooks, progress and completion of one job, the same of another, and
-a duplicate of the last completion (its key taken already: PEEK only).
+pgbench runs the same statement per webhook (INGEST, or on completion INGEST_FINISHED with the
+files and the owner's notification: one statement, its own transaction, as in the gateway),
+with the parameters the gateway binds for the same payloads, in the same mix: per client,
+per 5 webhooks, progress and completion of one job, the same of another, and a duplicate of
+the last completion (its key taken already).
 """
 
 from __future__ import annotations
@@ -47,9 +47,8 @@ from bench.load import raw_request, replay, write_requests
 from bench.report import Figure
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import decode
-from gateway.store import jobs as store_jobs
+from gateway.jobs.state import plan as state_plan
 from gateway.store import webhooks as store_webhooks
-from gateway.store.jobs import FileRecord
 from gateway.webhooks.signing import signature_headers
 
 CONNECTIONS = 32
@@ -175,16 +174,50 @@ def _array(values: list[Any]) -> str:
     return "{" + ",".join(item(v) for v in values) + "}"
 
 
+def _gateway_arguments(payload: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """The statement the gateway runs for `payload` and the parameters it binds."""
+    body = msgspec.json.encode(payload)
+    delivery = store_webhooks.Delivery(Kind.IMAGE, "id:bench", decode(body), body)
+    update = delivery.payload.to_update(Kind.IMAGE)
+    plan = state_plan(update.event)
+    statement = store_webhooks.INGEST_FINISHED if plan.finishes else store_webhooks.INGEST
+    return statement, store_webhooks.ingest_arguments(delivery, update, plan)
+
+
+def _literal(value: Any) -> str:
+    """A gateway parameter as a pgbench variable's text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return _array(list(value))
+    if isinstance(value, dict):
+        return msgspec.json.encode(value).decode()
+    return str(value)
+
+
+def _bound(prefix: str, payload: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """The gateway's statement for `payload` with the job and the key as the script's
+    variables, every other parameter a variable holding the gateway's own value (NULL in
+    place, pgbench variables cannot be NULL); and those variables."""
+    statement, args = _gateway_arguments(payload)
+    params: dict[int, str] = {}
+    variables: dict[str, str] = {}
+    for n, value in enumerate(args, start=1):
+        if value == payload["job_id"] and n == 1:
+            params[n] = ":job"
+        elif value == "id:bench":
+            params[n] = ":key"
+        elif value is None:
+            params[n] = "NULL"
+        else:
+            params[n] = f":{prefix}{n}"
+            variables[f"{prefix}{n}"] = _literal(value)
+    return pgbench.bind(statement, params), variables
+
+
 def pgbench_script() -> str:
-    peek = pgbench.bind(store_webhooks.PEEK, {1: ":job", 2: ":kind", 3: ":key"})
-    # the job's columns as pgbench variables (seq among them), as the gateway reads them
-    peek = peek.removesuffix(";") + r" \gset j_"
-    guard = {1: ":job", 5: "NULL", 8: ":from_webhook", 10: ":source"}
-
-    def claim(first: int, event: str) -> dict[int, str]:
-        return {first: ":j_seq", first + 1: ":key", first + 2: ":kind", first + 3: ":job",
-                first + 4: event}
-
+    progress, _ = _bound("p", progress_payload(0))
+    completion, _ = _bound("c", completed_payload(0))
     return "\n".join([
         "-- one webhook per script; n counts this client's webhooks",
         r"\set t :n % 5",
@@ -194,25 +227,16 @@ def pgbench_script() -> str:
         r"\if :t >= 2",
         r"\set job :job + 1",
         r"\endif",
-        r"\if :t = 4",
-        "-- a duplicate of the completion just before: the key is taken, seen by the read",
-        r"\set key :key - 1",
-        peek,
-        r"\elif :t % 2 = 0",
+        r"\if :t % 2 = 0 and :t < 4",
         "-- progress",
-        peek,
-        pgbench.bind(store_webhooks.CLAIM_AND_APPLY, {
-            **guard, 2: ":p_status", 3: ":p_progress", 4: ":p_message", 6: "NULL", 7: "NULL",
-            9: ":p_finished", **claim(store_jobs.APPLY_PARAMETERS + 1, ":p_event")}),
+        progress,
         r"\else",
+        r"\if :t = 4",
+        "-- a duplicate of the completion just before: the key is taken",
+        r"\set key :key - 1",
+        r"\endif",
         "-- completion with its files and the owner's notification",
-        peek,
-        pgbench.bind(store_webhooks.CLAIM_AND_APPLY_FINISHED, {
-            **guard, 2: ":c_status", 3: ":c_progress", 4: ":c_message", 6: ":c_model",
-            7: ":c_seconds", 9: ":c_finished",
-            **{n: f":f{n - 9}" for n in range(11, 21)},
-            21: ":user", 22: ":n_type", 23: ":n_title", 24: ":n_message", 25: ":n_metadata",
-            **claim(store_jobs.APPLY_FINISHED_PARAMETERS + 1, ":c_event")}),
+        completion,
         r"\endif",
         r"\set n :n + 1",
         "",
@@ -220,54 +244,16 @@ def pgbench_script() -> str:
 
 
 def pgbench_variables(jobbase: int, keybase: int) -> dict[str, str | int]:
-    """The values the gateway binds, taken from decoding the same payloads it receives."""
-    index = 0
-    progress = decode(msgspec.json.encode(progress_payload(index))).to_update(Kind.IMAGE)
-    completed = decode(msgspec.json.encode(completed_payload(index))).to_update(Kind.IMAGE)
-    assert progress.event.progress is not None
-    files: list[FileRecord] = list(completed.files)
-    columns: list[list[Any]] = [
-        list(range(len(files))),
-        [f.url for f in files],
-        [f.storage_key for f in files],
-        [f.filename for f in files],
-        [f.format for f in files],
-        [f.size_bytes for f in files],
-        [f.width for f in files],
-        [f.height for f in files],
-        [f.duration_seconds for f in files],
-        [f.description for f in files],
-    ]
+    """The values the gateway binds, taken from decoding the same payloads it receives (the
+    job's id and the key aside, the same for every job)."""
     variables: dict[str, str | int] = {
         "n": 0,
         "clients": CONNECTIONS,
         "jobbase": jobbase,
         "keybase": keybase,
-        "kind": Kind.IMAGE.value,
-        "from_webhook": "true",
-        "source": progress.source,
-        "p_event": "generating",
-        "p_status": progress.event.status.value,
-        "p_progress": progress.event.progress,
-        "p_message": progress.message or "",
-        "p_finished": "false",
-        "c_event": "completed",
-        "c_status": completed.event.status.value,
-        "c_progress": 100,
-        "c_message": completed.message or "",
-        "c_model": completed.model_name or "",
-        "c_seconds": str(completed.generation_time_seconds),
-        "c_finished": "true",
-        "user": user_of(index),
-        "n_type": f"{Kind.IMAGE.label}_COMPLETED",
-        "n_title": "Images ready",
-        "n_message": f"{len(files)} image(s) created.",
-        "n_metadata": msgspec.json.encode(
-            {"job_id": job_id(index), "kind": "image", "files": len(files)}
-        ).decode(),
     }
-    for n, column in enumerate(columns, start=2):
-        variables[f"f{n}"] = _array(column)
+    variables.update(_bound("p", progress_payload(0))[1])
+    variables.update(_bound("c", completed_payload(0))[1])
     return variables
 
 

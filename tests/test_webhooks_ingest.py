@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from typing import Any
 
+import msgspec
 import pytest
 import structlog
 from aiohttp import web
@@ -13,8 +14,9 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 
 from gateway.jobs.kinds import Kind
+from gateway.jobs.payload import decode
 from gateway.jobs.prompts import fingerprint, normalize
-from gateway.jobs.state import Event, Status, transition
+from gateway.jobs.state import Event, JobState, Status, transition
 from gateway.store import Database, orphans
 from gateway.store import jobs as store_jobs
 from gateway.store import webhooks as store_webhooks
@@ -367,7 +369,7 @@ async def test_both_routes_answer(client: Client, db: Database, kind: Kind) -> N
         200, {"outcome": "applied"})
 
 
-# --- the two-round-trip path: a job that changes between the read and the write ---------------
+# --- a job that changes, or a key that is taken, while the statement waits for the job's lock ---
 
 
 async def _waiting_on_a_lock(db: Database, deadline: float = 10.0) -> None:
@@ -414,31 +416,77 @@ async def test_a_job_changed_after_it_was_read_is_decided_again_under_its_lock(
     assert await db.fetchval("SELECT count(*) FROM job_events WHERE job_id = $1", job_id) == seq - 1
 
 
-async def test_the_guarded_statement_writes_nothing_when_the_seq_moved_or_the_key_is_taken(
-    db: Database,
+async def test_a_repeat_committed_while_the_statement_waited_for_the_lock_is_a_duplicate(
+    client: Client, db: Database
 ) -> None:
+    """The key is free when the statement looks, and taken (committed by another delivery)
+    when it has the job's lock: the claim fails and nothing is written."""
     job_id = await insert_job(db)
-    async with db.transaction() as conn:
-        job = await store_jobs.lock(conn, job_id)
-    assert job is not None
-    update = JobUpdate(Event(Status.GENERATING, 40), source="webhook", from_webhook=True)
-    args = store_jobs.apply_arguments(job, update, transition(job.state, update.event))
-
-    async def run(seq: int, key: str) -> Any:
-        return await db.fetchrow(store_webhooks.CLAIM_AND_APPLY, *args, seq, key, "image",
-                                 job_id, "generating")
-
     before = await job_row(db, job_id)
-    moved = await run(job.seq + 1, "id:a")
-    assert (moved["locked"], moved["claimed"], moved["seq"]) == (False, False, None)
-    await db.execute("INSERT INTO webhook_deliveries (dedupe_key, kind, backend_job_id,"
-                     " job_id, event_status, outcome) VALUES ('id:b', 'image', $1, $1,"
-                     " 'generating', 'applied')", job_id)
-    taken = await run(job.seq, "id:b")
-    assert (taken["locked"], taken["claimed"], taken["seq"]) == (True, False, None)
+    async with db.transaction() as conn:
+        await store_jobs.lock(conn, job_id)
+        sending = asyncio.create_task(deliver(client, progress(job_id, "generating", 50), "m"))
+        await _waiting_on_a_lock(db)
+        await conn.execute("INSERT INTO webhook_deliveries (dedupe_key, kind, backend_job_id,"
+                           " job_id, event_status, outcome) VALUES ('id:m', 'image', $1, $1,"
+                           " 'generating', 'applied')", job_id)
+    assert await asyncio.wait_for(sending, 10) == (200, {"outcome": "duplicate"})
     assert dict(await job_row(db, job_id)) == dict(before)
     assert await db.fetchval("SELECT count(*) FROM job_events") == 0
     assert await db.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
-    done = await run(job.seq, "id:c")
-    assert (done["locked"], done["claimed"], done["seq"]) == (True, True, job.seq + 1)
-    assert (await job_row(db, job_id))["progress"] == 40
+
+
+# --- the statement decides as the state machine does, in every state --------------------------
+
+CURRENT_PROGRESS = (0, 40, 100)
+EVENT_PROGRESS = (None, 0, 39, 40, 41, 100)
+
+
+def _payload(status: Status, value: int | None) -> dict[str, Any]:
+    if status is Status.COMPLETED:
+        return completed("x")
+    body: dict[str, Any] = {"job_id": "x", "status": status.value.lower(), "message": "m"}
+    if status is Status.FAILED:
+        body["error_message"] = "boom"
+    if value is not None:
+        body["progress"] = value
+    return body
+
+
+async def test_the_statement_decides_every_state_as_the_state_machine_does(db: Database) -> None:
+    cases = [
+        (current, now, event, value)
+        for current, now, event in itertools.product(Status, CURRENT_PROGRESS, Status)
+        for value in (EVENT_PROGRESS if not event.terminal else (None,))
+    ]
+    ids = [f"job-{n}" for n in range(len(cases))]
+    await db.execute(
+        "INSERT INTO jobs (id, kind, user_id, prompt, prompt_norm, status, progress)"
+        " SELECT id, 'image', 'user_a', 'p', 'p', status::job_status, progress"
+        " FROM unnest($1::text[], $2::text[], $3::smallint[]) AS c(id, status, progress)",
+        ids, [c[0].value for c in cases], [c[1] for c in cases],
+    )
+    seen: dict[str, int] = {}
+    for job_id, (current, now, event, value) in zip(ids, cases, strict=True):
+        body = msgspec.json.encode({**_payload(event, value), "job_id": job_id})
+        delivery = store_webhooks.Delivery(Kind.IMAGE, f"id:{job_id}", decode(body), body)
+        async with db.connection() as conn:
+            result = await store_webhooks.ingest(conn, delivery)
+        expected = transition(JobState(current, now), Event(event, value))
+        row = await job_row(db, job_id)
+        case = (current, now, event, value)
+        assert (Status(row["status"]), row["progress"]) == (
+            expected.state.status, expected.state.progress), case
+        assert result.outcome.value == expected.outcome.value, case
+        assert row["seq"] == (2 if expected.applied else 1), case
+        assert await db.fetchval(
+            "SELECT outcome FROM webhook_deliveries WHERE dedupe_key = $1", delivery.dedupe_key
+        ) == expected.outcome.value, case
+        seen[expected.outcome.value] = seen.get(expected.outcome.value, 0) + 1
+    assert seen["applied"] > 0
+    assert seen["stale"] > 0
+    # a terminal event made its files and notification, and nothing else did
+    assert await db.fetchval("SELECT count(*) FROM job_events") == seen["applied"]
+    assert await db.fetchval(
+        "SELECT count(DISTINCT job_id) FROM job_files"
+    ) == await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'COMPLETED' AND seq = 2")

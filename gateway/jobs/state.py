@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Final
 
 
@@ -52,16 +53,6 @@ _RANK: Final = {
     Status.TIMED_OUT: 5,
 }
 
-# Progress a status implies when the event carries none.
-_FLOOR: Final = {
-    Status.PENDING: 0,
-    Status.QUEUED: 0,
-    Status.INITIALIZING: 0,
-    Status.GENERATING: 0,
-    Status.SAVING: 0,
-    Status.COMPLETED: 100,
-}
-
 
 class Outcome(enum.StrEnum):
     APPLIED = "applied"
@@ -97,29 +88,64 @@ class Transition:
         return self.applied and self.state.status.terminal
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """What one event does to a job, for every state the job may be found in.
+
+    An applied event always takes the job to `status` with progress max(`progress`, the
+    job's progress). It applies when the job's status is in `always`, or in `if_advances`
+    and the job's progress is below `progress`; otherwise it is stale. `transition` decides
+    through the plan, and the webhook receiver hands the same plan to its statement, which
+    decides under the job's row lock (gateway.store.webhooks): one set of rules, evaluated in
+    Python or, for a job not read beforehand, in SQL.
+    """
+
+    status: Status
+    progress: int
+    always: frozenset[Status]
+    if_advances: frozenset[Status]
+
+    @property
+    def finishes(self) -> bool:
+        """True when applying the event makes the job terminal."""
+        return self.status.terminal
+
+    def applies(self, current: JobState) -> bool:
+        return current.status in self.always or (
+            current.status in self.if_advances and current.progress < self.progress
+        )
+
+    def apply(self, current: JobState) -> Transition:
+        if not self.applies(current):
+            return Transition(Outcome.STALE, current)
+        return Transition(
+            Outcome.APPLIED, JobState(self.status, max(self.progress, current.progress))
+        )
+
+
+@functools.lru_cache(maxsize=1024)
+def plan(event: Event) -> Plan:
+    """The event's plan. Jobs only move forward: from a later status the event is stale; to
+    a later status it applies; within the same status it applies when it adds progress. A
+    terminal job takes nothing, except a completion of a TIMED_OUT job."""
+    status = event.status
+    if status is Status.COMPLETED:
+        progress = 100
+    elif status.terminal:
+        progress = 0  # a failed/cancelled/timed-out job keeps the progress it had reached
+    else:
+        progress = _clamp(event.progress or 0)
+    rank = _RANK[status]
+    always = {s for s in Status if not s.terminal and _RANK[s] < rank}
+    if status is Status.COMPLETED:
+        always.add(Status.TIMED_OUT)
+    same = set() if status.terminal else {status}
+    return Plan(status, progress, frozenset(always), frozenset(same))
+
+
 def transition(current: JobState, event: Event) -> Transition:
     """Where `event` takes a job in `current`; STALE leaves it where it is."""
-    stale = Transition(Outcome.STALE, current)
-    if current.status.terminal:
-        if current.status is Status.TIMED_OUT and event.status is Status.COMPLETED:
-            return Transition(Outcome.APPLIED, JobState(Status.COMPLETED, 100))
-        return stale
-
-    rank, new_rank = _RANK[current.status], _RANK[event.status]
-    if new_rank < rank:
-        return stale
-
-    progress = _clamp(event.progress if event.progress is not None else 0)
-    if event.status is Status.COMPLETED:
-        progress = 100
-    progress = max(progress, current.progress, _FLOOR.get(event.status, 0))
-    if event.status.terminal and event.status is not Status.COMPLETED:
-        # a failed/cancelled/timed-out job keeps the progress it had reached
-        progress = current.progress
-
-    if new_rank == rank and progress <= current.progress:
-        return stale  # same status, nothing new
-    return Transition(Outcome.APPLIED, JobState(event.status, progress))
+    return plan(event).apply(current)
 
 
 def _clamp(progress: int) -> int:

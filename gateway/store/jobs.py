@@ -24,7 +24,7 @@ from gateway.store.errors import StoreError
 
 NOTIFY_CHANNEL = "sorami_job_events"
 
-_JOB_COLUMNS = (
+JOB_COLUMNS = (
     "j.id, j.kind, j.user_id, j.status, j.progress, j.seq, j.created_at, j.first_webhook_at"
 )
 
@@ -90,19 +90,24 @@ class Applied:
 
 
 LOCK_BY_ID = f"""
-SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.id = $1 FOR UPDATE
+SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1 FOR UPDATE
 """
 
-# Our own id first, else an alias the backend's answer or the reconciler recorded.
-BY_BACKEND_ID = f"""
-SELECT {_JOB_COLUMNS}
+def by_backend_id(backend_id: str, kind: str) -> str:
+    """The job a webhook's job_id names, given the parameters holding it and the kind: our own
+    id first, else an alias the backend's answer or the reconciler recorded."""
+    return f"""
+SELECT {JOB_COLUMNS}
 FROM jobs j
-WHERE j.kind = $2
-  AND (j.id = $1 OR j.id = (SELECT a.job_id FROM job_aliases a
-                            WHERE a.kind = $2 AND a.backend_job_id = $1))
-ORDER BY j.id = $1 DESC
+WHERE j.kind = {kind}
+  AND (j.id = {backend_id} OR j.id = (SELECT a.job_id FROM job_aliases a
+                            WHERE a.kind = {kind} AND a.backend_job_id = {backend_id}))
+ORDER BY j.id = {backend_id} DESC
 LIMIT 1
 """
+
+
+BY_BACKEND_ID = by_backend_id("$1", "$2")
 
 LOCK_BY_BACKEND_ID = BY_BACKEND_ID + "FOR UPDATE OF j\n"
 
@@ -159,7 +164,8 @@ ON CONFLICT (job_id, position) DO NOTHING
 # Metadata as JSON text: asyncpg's jsonb codec does not reach inside arrays.
 INSERT_NOTIFICATIONS = """
 INSERT INTO notifications (user_id, job_id, type, title, message, metadata)
-SELECT n.user_id, n.job_id, n.type, n.title, n.message, n.metadata::jsonb
+SELECT n.user_id, n.job_id, n.type, n.title, n.message,
+       n.metadata::jsonb || jsonb_build_object('job_id', n.job_id)
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
     WITH ORDINALITY AS n(user_id, job_id, type, title, message, metadata, i)
 ORDER BY n.i
@@ -169,14 +175,15 @@ RETURNING id, job_id, type
 
 # The job's new state and its event row: the common table expressions of both statements
 # below, which add the NOTIFY (and, when the job finishes, its files and notification).
-# `guard` narrows the UPDATE (see `guarded`). A fragment, not a statement: lower case keeps
-# it out of the statements checked against the schema.
-def _apply_ctes(guard: str = "") -> str:
+# `guard` narrows the UPDATE (see `guarded`); `target` is the job's id and `progress` the new
+# progress, `$1` and `$3` unless the statement decides them itself. A fragment, not a
+# statement: lower case keeps it out of the statements checked against the schema.
+def _apply_ctes(guard: str = "", target: str = "$1", progress: str = "$3") -> str:
     return f"""
 updated AS (
     UPDATE jobs SET
         status = $2,
-        progress = $3,
+        progress = {progress},
         message = COALESCE($4, message),
         error_message = COALESCE($5, error_message),
         model_name = COALESCE($6, model_name),
@@ -186,8 +193,8 @@ updated AS (
         finished_at = CASE WHEN $9 THEN now() ELSE finished_at END,
         seq = seq + 1,
         updated_at = now()
-    WHERE id = $1{guard}
-    RETURNING id, seq, status, progress, message
+    WHERE id = {target}{guard}
+    RETURNING id, seq, status, progress, message, user_id
 ), event AS (
     INSERT INTO job_events (job_id, seq, status, progress, message, source)
     SELECT id, seq, status, progress, message, $10 FROM updated
@@ -195,8 +202,8 @@ updated AS (
 
 
 # A terminal transition's files ($11-$20, one array per column, empty for none) and the
-# owner's notification ($21-$25; none when $22, its type, is NULL), each made once by its
-# constraint however often the event is delivered.
+# owner's notification ($21-$24; none when $21, its type, is NULL; the metadata gets the
+# job's id here), each made once by its constraint however often the event is delivered.
 _finished_ctes = """, files AS (
     INSERT INTO job_files (job_id, position, url, storage_key, filename, format, size_bytes,
                            width, height, duration_seconds, description)
@@ -207,7 +214,9 @@ _finished_ctes = """, files AS (
     ON CONFLICT (job_id, position) DO NOTHING
 ), notification AS (
     INSERT INTO notifications (user_id, job_id, type, title, message, metadata)
-    SELECT $21, updated.id, $22::text, $23, $24, $25 FROM updated WHERE $22::text IS NOT NULL
+    SELECT updated.user_id, updated.id, $21::text, $22, $23,
+           $24::jsonb || jsonb_build_object('job_id', updated.id)
+    FROM updated WHERE $21::text IS NOT NULL
     ON CONFLICT ON CONSTRAINT notifications_once DO NOTHING
     RETURNING id
 )"""
@@ -226,32 +235,49 @@ FROM updated
 
 # The number of parameters of APPLY and APPLY_FINISHED (`guarded` numbers its own after).
 APPLY_PARAMETERS = 10
-APPLY_FINISHED_PARAMETERS = 25
+APPLY_FINISHED_PARAMETERS = 24
 
 
-def guarded(finished: bool, ctes: str, guard: str, columns: str = "") -> str:
+def guarded(
+    finished: bool,
+    ctes: str,
+    guard: str,
+    columns: str = "",
+    *,
+    target: str = "$1",
+    progress: str = "$3",
+    source: str = "",
+) -> str:
     """APPLY (or APPLY_FINISHED) after the caller's common table expressions `ctes`, writing
-    only when `guard` (a condition on them) holds. Always one row: the caller's `columns`,
-    then `seq` and `notification_id`, NULL when nothing was written. The caller's parameters
-    are numbered after APPLY's own."""
+    only when `guard` (a condition on them) holds. One row (one per row of `source`, a FROM
+    clause, when given): the caller's `columns`, then `seq` and `notification_id`, NULL when
+    nothing was written. The caller's parameters are numbered after APPLY's own; `target`
+    and `progress` are as in `_apply_ctes`."""
     notification = "(SELECT id FROM notification)" if finished else "NULL::bigint"
     return (
-        "WITH " + ctes + "," + _apply_ctes(f" AND {guard}")
+        "WITH " + ctes + "," + _apply_ctes(f" AND {guard}", target, progress)
         + (_finished_ctes if finished else "")
         + f"""
 SELECT {columns}(SELECT seq FROM updated) AS seq,
        (SELECT {_notify} FROM updated) AS notified,
        {notification} AS notification_id
-"""
+{source}"""
     )
 
 
 def apply_arguments(job: LockedJob, update: JobUpdate, step: Transition) -> tuple[Any, ...]:
     """The parameters of APPLY, or of APPLY_FINISHED when `step` finishes the job, for an
     applied step."""
-    new = step.state
+    return update_arguments(job.id, job.kind, update, step.state, step.finished)
+
+
+def update_arguments(
+    target: str, kind: Kind, update: JobUpdate, new: JobState, finished: bool
+) -> tuple[Any, ...]:
+    """APPLY's parameters (APPLY_FINISHED's when `finished`) that take a job of `kind` to
+    `new`; `target` is the first (the job's id, or what names it)."""
     args: tuple[Any, ...] = (
-        job.id,
+        target,
         new.status.value,
         new.progress,
         update.message,
@@ -259,17 +285,16 @@ def apply_arguments(job: LockedJob, update: JobUpdate, step: Transition) -> tupl
         update.model_name,
         update.generation_time_seconds,
         update.from_webhook,
-        step.finished,
+        finished,
         update.source,
     )
-    if not step.finished:
+    if not finished:
         return args
     files = update.files if new.status is Status.COMPLETED else ()
-    note = owner_notification(job, new.status, update)
+    note = owner_notification(kind, new.status, update)
     return (
         *args,
         *_file_columns(files),
-        job.user_id,
         *((note.type, note.title, note.message, note.metadata) if note is not None
           else (None, None, None, None)),
     )
@@ -284,7 +309,7 @@ async def lock(conn: asyncpg.Connection, job_id: str) -> LockedJob | None:
 # In id order, so that two transactions locking overlapping sets cannot deadlock (rows are
 # locked after the sort).
 LOCK_MANY = f"""
-SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.id = ANY($1::text[]) ORDER BY j.id FOR UPDATE
+SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = ANY($1::text[]) ORDER BY j.id FOR UPDATE
 """
 
 
@@ -408,7 +433,7 @@ async def apply_many(
                         files.add(job.id, n, f.url, f.storage_key, f.filename, f.format,
                                   f.size_bytes, f.width, f.height, f.duration_seconds,
                                   f.description)
-                note = owner_notification(job, state.status, update)
+                note = owner_notification(job.kind, state.status, update)
                 if note is not None:
                     notes.add(job.user_id, job.id, note.type, note.title, note.message,
                               json_text(note.metadata))
@@ -452,27 +477,28 @@ class OwnerNotification:
 
 
 def owner_notification(
-    job: LockedJob, status: Status, update: JobUpdate
+    kind: Kind, status: Status, update: JobUpdate
 ) -> OwnerNotification | None:
-    """What the owner is told when `update` makes the job `status`; None for a cancel.
+    """What the owner is told when `update` makes a job of `kind` `status`; None for a cancel.
+    The statement that writes it adds the job's id to the metadata.
 
     One notification per job and terminal type: the constraint makes repeats no-ops.
     """
     if status not in _TITLES:
         return None
-    noun = "Images" if job.kind is Kind.IMAGE else "Videos"
+    noun = "Images" if kind is Kind.IMAGE else "Videos"
     if status is Status.COMPLETED:
         count = len(update.files)
-        message = f"{count} {job.kind.value}(s) created."
+        message = f"{count} {kind.value}(s) created."
     elif status is Status.FAILED:
         message = update.error_message or update.message or "The generator reported a failure."
     else:
         message = update.message or "The generator stopped reporting progress."
     return OwnerNotification(
-        type=f"{job.kind.label}_{status.value}",
+        type=f"{kind.label}_{status.value}",
         title=_TITLES[status].format(noun=noun),
         message=message,
-        metadata={"job_id": job.id, "kind": job.kind.value, "files": len(update.files)},
+        metadata={"kind": kind.value, "files": len(update.files)},
     )
 
 
@@ -697,7 +723,7 @@ async def gallery(
 
 
 LOCK_OWNED = f"""
-SELECT {_JOB_COLUMNS} FROM jobs j
+SELECT {JOB_COLUMNS} FROM jobs j
 WHERE j.id = $1 AND j.user_id = $2 AND j.kind = $3
 FOR UPDATE
 """

@@ -800,7 +800,7 @@ WHERE kind = $1 AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OU
 # re-checked against the WHERE clause once its lock is granted); a job whose row is busy
 # right now is being heard from, so it is skipped rather than waited for.
 LOCK_STALE_JOBS = f"""
-SELECT {store_jobs._JOB_COLUMNS} FROM jobs j
+SELECT {store_jobs.JOB_COLUMNS} FROM jobs j
 WHERE j.id = ANY($1::text[]) AND j.updated_at < $2
   AND j.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')
 ORDER BY j.id

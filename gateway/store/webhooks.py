@@ -4,29 +4,30 @@ The delivery's dedupe key is claimed with `INSERT ... ON CONFLICT DO NOTHING` in
 transaction as the effect, so a delivery seen before (committed) is a duplicate and changes
 nothing, and one rolled back leaves no trace to be mistaken for one.
 
-The hot path (a job we know, an event that moves it) costs two round trips and no explicit
-transaction: `PEEK` reads the job and whether the key is taken; the state machine decides
-from what was read; then one statement (`claim_and_apply`) locks the job's row only if its
-`seq` is still the one read, claims the key, and writes the effect only if the claim
-succeeded. One statement is one transaction, so the claim and the effect commit together
-or not at all. A key already taken is a duplicate at once (one round trip). Anything else,
-a job changed between the two looks, a stale event, an alias or an orphan, takes the
-locked path inside a transaction: the job's row lock and the claim in one statement
-(`CLAIM_AND_LOCK`), then `jobs.apply`. The claim is written as `applied` and corrected to
-`stale` in the same transaction when the state machine says so. Locking the row first
-makes deliveries for one job queue behind each other (a repeated delivery then finds the
-key committed), while different jobs proceed in parallel.
+A delivery for a job we know costs one round trip and no explicit transaction: one statement
+(`INGEST`, or `INGEST_FINISHED` for a terminal event) finds the job, and unless the key is
+already taken, locks the job's row, decides under the lock with the event's plan from the
+state machine (`gateway.jobs.state.plan`: applied or stale, and the new progress), claims
+the key as `applied` or `stale`, and writes the effect only when the claim succeeded and the
+event applies. One statement is one transaction, so the claim and the effect commit
+together or not at all. The decision is made on the row as locked, not as first read: a
+job changed by another transaction while the statement waited for its lock is decided on its
+new state. Locking the row first makes deliveries for one job queue behind each other (a
+repeated delivery then finds the key committed), while different jobs proceed in parallel.
 
 An id that is neither a job nor a known alias follows the protocol of
-`orphans.lock_backend_id`: take the backend id's lock, look again, and only then claim the
-key and record the orphan. The key is claimed after the job's row lock or the backend id's
-lock, never before, so two transactions never wait for each other in opposite orders.
+`orphans.lock_backend_id` inside a transaction: take the backend id's lock, look again, and
+only then claim the key and record the orphan (or, when an alias was committed meanwhile,
+apply to its job). The key is claimed after the job's row lock or the backend id's lock,
+never before, so two transactions never wait for each other in opposite orders.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -34,10 +35,12 @@ import msgspec
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import WebhookPayload
 from gateway.jobs.prompts import normalize
-from gateway.jobs.state import transition
+from gateway.jobs.state import JobState, Plan, Status
+from gateway.jobs.state import plan as state_plan
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
-from gateway.store.jobs import Applied, LockedJob
+from gateway.store.errors import StoreError
+from gateway.store.jobs import Applied, JobUpdate, LockedJob
 
 
 class Outcome(enum.StrEnum):
@@ -68,26 +71,6 @@ class Ingested:
     orphan_event_id: int | None = None
 
 
-def _claim_for_job(key: str, kind: str, backend_id: str, status: str) -> str:
-    """The delivery's claim as an `applied` delivery of the job in the CTE `job` (no job:
-    no claim), given the parameters holding each value."""
-    return f"""claim AS (
-    INSERT INTO webhook_deliveries (dedupe_key, kind, backend_job_id, job_id, event_status,
-                                    outcome)
-    SELECT {key}, {kind}, {backend_id}, job.id, {status}, 'applied' FROM job
-    ON CONFLICT (dedupe_key) DO NOTHING
-    RETURNING dedupe_key
-)"""
-
-
-# The job's row lock (the same resolution as jobs.lock_for_backend_id: our id, else an
-# alias), and the delivery's claim, in one statement. No job: no claim; see ingest.
-CLAIM_AND_LOCK = f"""
-WITH job AS ({store_jobs.LOCK_BY_BACKEND_ID}),
-{_claim_for_job("$3", "$2", "$1", "$4")}
-SELECT job.*, EXISTS (SELECT 1 FROM claim) AS claimed FROM job
-"""
-
 CLAIM = """
 INSERT INTO webhook_deliveries (dedupe_key, kind, backend_job_id, job_id, event_status, outcome)
 VALUES ($1, $2, $3, $4, $5, $6)
@@ -100,82 +83,109 @@ UPDATE webhook_deliveries SET outcome = 'stale' WHERE dedupe_key = $1
 """
 
 
-# The job the payload names, unlocked, and whether the delivery's key is taken already.
-PEEK = f"""
-SELECT job.*, EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.dedupe_key = $3) AS seen
-FROM ({store_jobs.BY_BACKEND_ID}) AS job
-"""
-
-
-def _claim_then_apply(finished: bool) -> str:
-    """`jobs.apply`'s statement behind a lock on the job at the `seq` PEEK read and the
-    delivery's claim; it writes only when both hold, and says which did not."""
+def _ingest(finished: bool) -> str:
+    """`jobs.apply`'s statement for the job `$1` names (our id, else an alias), behind the
+    decision of the event's plan on the job's row as locked and the delivery's claim. APPLY's
+    parameters with the plan's progress as `$3`, then the plan's statuses, the key, the
+    kind and the event's status word. One row when the job exists: the job as locked (as
+    read, when the key was taken already and nothing was locked), then what happened."""
     first = (store_jobs.APPLY_FINISHED_PARAMETERS if finished
              else store_jobs.APPLY_PARAMETERS) + 1
-    seq, key, kind, backend_id, status = (f"${n}" for n in range(first, first + 5))
+    always, if_advances, key, kind, status = (f"${n}" for n in range(first, first + 5))
     ctes = f"""
-job AS (
-    SELECT id FROM jobs WHERE id = $1 AND seq = {seq} FOR UPDATE
-), {_claim_for_job(key, kind, backend_id, status)}, flags AS (
-    SELECT EXISTS (SELECT 1 FROM job) AS locked, EXISTS (SELECT 1 FROM claim) AS claimed
+found AS ({store_jobs.by_backend_id("$1", kind)}), seen AS (
+    SELECT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.dedupe_key = {key}) AS dup
+), job AS (
+    SELECT {store_jobs.JOB_COLUMNS} FROM jobs j
+    WHERE j.id = (SELECT id FROM found) AND NOT (SELECT dup FROM seen)
+    FOR UPDATE
+), step AS (
+    SELECT job.id, job.status::text = ANY({always}::text[])
+                   OR (job.status::text = ANY({if_advances}::text[]) AND job.progress < $3)
+                   AS applies
+    FROM job
+), claim AS (
+    INSERT INTO webhook_deliveries (dedupe_key, kind, backend_job_id, job_id, event_status,
+                                    outcome)
+    SELECT {key}, {kind}, $1, step.id, {status},
+           CASE WHEN step.applies THEN 'applied' ELSE 'stale' END
+    FROM step
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING dedupe_key
+), flags AS (
+    SELECT EXISTS (SELECT 1 FROM job) AS locked, EXISTS (SELECT 1 FROM claim) AS claimed,
+           COALESCE((SELECT applies FROM step), false) AS applies
 )"""
     return store_jobs.guarded(
         finished,
         ctes,
-        guard="(SELECT claimed FROM flags)",
-        columns="(SELECT locked FROM flags) AS locked, (SELECT claimed FROM flags) AS claimed, ",
+        guard="(SELECT claimed AND applies FROM flags)",
+        columns="j.*, (SELECT dup FROM seen) AS seen, (SELECT locked FROM flags) AS locked, "
+                "(SELECT claimed FROM flags) AS claimed, (SELECT applies FROM flags) AS applies, ",
+        target="(SELECT id FROM step)",
+        progress="GREATEST($3, progress)",
+        source="FROM (SELECT * FROM job UNION ALL SELECT * FROM found"
+               " WHERE NOT EXISTS (SELECT 1 FROM job)) AS j",
     )
 
 
-CLAIM_AND_APPLY = _claim_then_apply(finished=False)
-CLAIM_AND_APPLY_FINISHED = _claim_then_apply(finished=True)
+INGEST = _ingest(finished=False)
+INGEST_FINISHED = _ingest(finished=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _names(statuses: frozenset[Status]) -> tuple[str, ...]:
+    return tuple(sorted(s.value for s in statuses))
+
+
+def ingest_arguments(delivery: Delivery, update: JobUpdate, plan: Plan) -> tuple[Any, ...]:
+    """The parameters of INGEST (INGEST_FINISHED when `plan.finishes`) for `delivery`, whose
+    update is `update` and the plan of its event `plan`."""
+    kind, payload = delivery.kind, delivery.payload
+    return (
+        *store_jobs.update_arguments(
+            payload.job_id, kind, update, JobState(plan.status, plan.progress), plan.finishes
+        ),
+        _names(plan.always),
+        _names(plan.if_advances),
+        delivery.dedupe_key,
+        kind.value,
+        event_status(payload),
+    )
 
 
 async def ingest(conn: asyncpg.Connection, delivery: Delivery) -> Ingested:
     """Dedupe and apply one delivery. Outside a transaction, each statement commits on its
     own; inside the caller's, everything commits with it."""
-    kind, payload = delivery.kind, delivery.payload
-    status = event_status(payload)
-    row = await conn.fetchrow(PEEK, payload.job_id, kind.value, delivery.dedupe_key)
+    update = delivery.payload.to_update(delivery.kind)
+    plan = state_plan(update.event)
+    row = await conn.fetchrow(
+        INGEST_FINISHED if plan.finishes else INGEST, *ingest_arguments(delivery, update, plan)
+    )
     if row is not None:
         job = LockedJob.from_record(row)
-        if row["seen"]:
+        if row["seen"] or (row["locked"] and not row["claimed"]):
             return Ingested(Outcome.DUPLICATE, job)
-        update = payload.to_update(kind)
-        step = transition(job.state, update.event)
-        if step.applied:
-            args = store_jobs.apply_arguments(job, update, step)
-            done = await conn.fetchrow(
-                CLAIM_AND_APPLY_FINISHED if step.finished else CLAIM_AND_APPLY,
-                *args, job.seq, delivery.dedupe_key, kind.value, payload.job_id, status,
-            )
-            assert done is not None
-            if done["claimed"]:
+        if row["locked"]:
+            step = plan.apply(job.state)
+            if step.applied != row["applies"]:
+                raise StoreError(f"the database and the state machine disagree on job {job.id}")
+            if step.applied:
                 return Ingested(
-                    Outcome.APPLIED, job, Applied(step, done["seq"], done["notification_id"])
+                    Outcome.APPLIED, job, Applied(step, row["seq"], row["notification_id"])
                 )
-            if done["locked"]:
-                return Ingested(Outcome.DUPLICATE, job)
-            # the job changed since PEEK read it: decide again, under its lock
+            return Ingested(Outcome.STALE, job, Applied(step, job.seq))
+        # the job was read but was gone when the statement came to lock it
     async with conn.transaction():
-        return await _ingest_locked(conn, delivery, status)
+        return await _ingest_locked(conn, delivery, event_status(delivery.payload))
 
 
 async def _ingest_locked(conn: asyncpg.Connection, delivery: Delivery, status: str) -> Ingested:
     kind, payload = delivery.kind, delivery.payload
-    row = await conn.fetchrow(
-        CLAIM_AND_LOCK, payload.job_id, kind.value, delivery.dedupe_key, status
-    )
-    if row is not None:
-        locked = LockedJob.from_record(row)
-        if not row["claimed"]:
-            return Ingested(Outcome.DUPLICATE, locked)
-        return await _apply(conn, locked, delivery)
-
     await orphans.lock_backend_id(conn, kind, payload.job_id)
     job = await store_jobs.lock_for_backend_id(conn, kind, payload.job_id)
     if job is not None:
-        # an alias was committed between the two looks
+        # an alias was committed since the first look
         if not await _claim(conn, delivery, status, job.id, Outcome.APPLIED):
             return Ingested(Outcome.DUPLICATE, job)
         return await _apply(conn, job, delivery)
