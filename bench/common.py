@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import platform
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -267,22 +268,40 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """User + system CPU time of a process so far; with `children`, that of its children it
+    waited for too (where the CPU of exited PostgreSQL backends goes)."""
+    user, system = cpu_split(pid, children=children)
+    return user + system
+
+
+def cpu_split(pid: int, *, children: bool = False) -> tuple[float, float]:
+    """`cpu_seconds` as (user, system): system time is the kernel's work for the process
+    (socket sends and receives, waking the process at the other end, epoll)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    user, system = int(fields[11]), int(fields[12])
+    if children:
+        user, system = user + int(fields[13]), system + int(fields[14])
+    return user / ticks, system / ticks
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of this process's children that have exited and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def postgres_cpu_seconds() -> float:
-    """CPU seconds of every PostgreSQL process on the machine so far."""
+    """CPU seconds of every PostgreSQL process on the machine so far, exited backends
+    included (the postmaster waits for them)."""
     total = 0.0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             if (entry / "comm").read_text().strip() == "postgres":
-                total += cpu_seconds(int(entry.name))
+                total += cpu_seconds(int(entry.name), children=True)
         except (OSError, IndexError, ValueError):
             continue
     return total

@@ -33,7 +33,8 @@ from bench import pgbench
 from bench.common import (
     JOB_ID_BASE,
     Server,
-    cpu_seconds,
+    children_cpu_seconds,
+    cpu_split,
     free_port,
     gateway_env,
     median,
@@ -326,16 +327,19 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                       f"gateway", flush=True)
 
                 async def limit_run(half: int, rep: int = rep, first_job: int = first_job
-                                    ) -> tuple[pgbench.PgbenchResult, int]:
+                                    ) -> tuple[pgbench.PgbenchResult, int, float, float]:
                     keybase = (2 * rep + half + 1) * 10**12
                     jobbase = JOB_ID_BASE + first_job + webhook_jobs + half * pg_jobs
+                    pg_before, own_before = postgres_cpu_seconds(), children_cpu_seconds()
                     result = pgbench.run(dsn, script, clients=CONNECTIONS,
                                          transactions_per_client=per_client,
                                          variables=pgbench_variables(jobbase, keybase))
+                    pg_used = postgres_cpu_seconds() - pg_before
+                    own_used = children_cpu_seconds() - own_before
                     claims = await conn.fetchval(PGBENCH_CLAIMS, keybase)
-                    return result, claims
+                    return result, claims, pg_used, own_used
 
-                before, claims_before = await limit_run(0)
+                before, claims_before, pg_cpu_limit, pgbench_cpu = await limit_run(0)
                 port = free_port()
                 stream, after, duplicates = build_stream(rep, first_job, webhook_jobs, key,
                                                          port, seed=rep)
@@ -347,18 +351,21 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                 try:
                     await server.wait_ready()
                     pids = server.pids()
-                    cpu_before = {pid: cpu_seconds(pid) for pid in pids}
+                    cpu_before = {pid: cpu_split(pid) for pid in pids}
                     pg_cpu_before = postgres_cpu_seconds()
                     print(f"ingest #{rep + 1}: sending {len(stream):,} webhooks "
                           f"({duplicates:,} duplicates) over {CONNECTIONS} connections",
                           flush=True)
                     with profiled(pids, out, args.profile_seconds, args.profile and rep == 0):
                         gateway = replay(stream_path, port, connections=CONNECTIONS)
-                    gateway_cpu = sum(cpu_seconds(pid) - cpu_before[pid] for pid in pids)
+                    gateway_system = sum(cpu_split(pid)[1] - cpu_before[pid][1] for pid in pids)
+                    gateway_cpu = sum(sum(cpu_split(pid)) - sum(cpu_before[pid]) for pid in pids)
                     pg_cpu = postgres_cpu_seconds() - pg_cpu_before
                 finally:
                     server.stop()
-                after_run, claims_after = await limit_run(1)
+                after_run, claims_after, pg_cpu_after, pgbench_cpu_after = await limit_run(1)
+                pg_cpu_limit += pg_cpu_after
+                pgbench_cpu += pgbench_cpu_after
                 limit = pgbench.combine([before, after_run])
                 claims = claims_before + claims_after
                 expected_claims = 2 * CONNECTIONS * sum(1 for n in range(per_client)
@@ -375,7 +382,11 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                     "load_before": load,
                     "gateway": {**gateway.as_dict(), "errors": errors},
                     "gateway_cpu_seconds": round(gateway_cpu, 2),
+                    "gateway_system_cpu_seconds": round(gateway_system, 2),
                     "postgres_cpu_seconds": round(pg_cpu, 2),
+                    # the same number of webhooks through pgbench (both its runs)
+                    "pgbench_postgres_cpu_seconds": round(pg_cpu_limit, 2),
+                    "pgbench_cpu_seconds": round(pgbench_cpu, 2),
                     "duplicates_sent": duplicates,
                     "pgbench": limit.as_dict(),
                     "pgbench_claims": {"found": claims, "expected": expected_claims,
@@ -391,8 +402,9 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                       f"p50 {limit.p50_ms:.1f} ms p99 {limit.p99_ms:.1f} ms; "
                       f"ratio {gateway.throughput / limit.tps:.2f}; effects "
                       f"{'ok' if effects['ok'] and outcomes_ok else 'WRONG'}; CPU s: gateway "
-                      f"{gateway_cpu:.1f}, postgres {pg_cpu:.1f}, "
-                      f"sender {gateway.sender_cpu_seconds:.1f}",
+                      f"{gateway_cpu:.1f} (system {gateway_system:.1f}), postgres {pg_cpu:.1f}, "
+                      f"sender {gateway.sender_cpu_seconds:.1f}; the same through pgbench: "
+                      f"postgres {pg_cpu_limit:.1f}, pgbench {pgbench_cpu:.1f}",
                       flush=True)
         finally:
             await conn.close()
