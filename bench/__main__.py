@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1,
                         help="`serve --workers N` for ingest and create (default 1: on two "
                         "cores shared with PostgreSQL, one worker leaves it the other)")
+    parser.add_argument("--bare", action="store_true",
+                        help="ingest against bench.bare_server (the same statement and nothing "
+                        "else: what the gateway's own work costs) instead of the gateway")
     parser.add_argument("--creates", type=int, default=20_000,
                         help="job creations per create repetition (default 20000)")
     parser.add_argument("--subscribers", type=int, default=1000,

@@ -192,13 +192,17 @@ def gateway_env(database_url: str, port: int, **extra: str) -> dict[str, str]:
 
 
 class Server:
-    """`python -m gateway serve ...` as an operator starts it; stderr kept in a file."""
+    """`python -m gateway serve ...` as an operator starts it (or another `module`, the bench's
+    reference server); stderr kept in a file."""
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(
+        self, args: Sequence[str], env: Mapping[str, str], log_path: Path,
+        module: str = "gateway",
+    ) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *args],
+            [sys.executable, "-m", module, *args],
             env=dict(env),
             cwd=ROOT,
             stdout=subprocess.DEVNULL,

@@ -175,7 +175,7 @@ def _array(values: list[Any]) -> str:
     return "{" + ",".join(item(v) for v in values) + "}"
 
 
-def _gateway_arguments(payload: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+def gateway_arguments(payload: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
     """The statement the gateway runs for `payload` and the parameters it binds."""
     body = msgspec.json.encode(payload)
     delivery = store_webhooks.Delivery(Kind.IMAGE, "id:bench", decode(body), body)
@@ -200,7 +200,7 @@ def _bound(prefix: str, payload: dict[str, Any]) -> tuple[str, dict[str, str]]:
     """The gateway's statement for `payload` with the job and the key as the script's
     variables, every other parameter a variable holding the gateway's own value (NULL in
     place, pgbench variables cannot be NULL); and those variables."""
-    statement, args = _gateway_arguments(payload)
+    statement, args = gateway_arguments(payload)
     params: dict[int, str] = {}
     variables: dict[str, str] = {}
     for n, value in enumerate(args, start=1):
@@ -308,7 +308,8 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
     pg_jobs = 2 * CONNECTIONS * math.ceil(per_client / 5)
     stride = webhook_jobs + 2 * pg_jobs
     preload_count = max(args.preload, stride * repeats)
-    detail: dict[str, Any] = {"preloaded_jobs": preload_count, "webhook_jobs": webhook_jobs,
+    detail: dict[str, Any] = {"server": "bare" if args.bare else "gateway",
+                              "preloaded_jobs": preload_count, "webhook_jobs": webhook_jobs,
                               "connections": CONNECTIONS, "repetitions": []}
     secret, key = new_webhook_secret()
     hs_secret = "bench-" + "x" * 40
@@ -346,8 +347,12 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                 stream_path = out / f"ingest-stream-{rep}.bin"
                 write_requests(stream_path, stream, after)
                 env = gateway_env(dsn, port, WEBHOOK_SECRETS=secret, AUTH_HS256_SECRET=hs_secret)
-                server = Server(["serve", "--workers", str(args.workers), "--no-migrate"], env,
-                                out / f"ingest-server-{rep}.log")
+                if args.bare:
+                    server = Server([], env, out / f"ingest-server-{rep}.log",
+                                    module="bench.bare_server")
+                else:
+                    server = Server(["serve", "--workers", str(args.workers), "--no-migrate"],
+                                    env, out / f"ingest-server-{rep}.log")
                 try:
                     await server.wait_ready()
                     pids = server.pids()
@@ -396,12 +401,12 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                     "outcomes_ok": outcomes_ok,
                 }
                 detail["repetitions"].append(rep_detail)
-                print(f"ingest #{rep + 1}: gateway {gateway.throughput:,.0f}/s "
+                print(f"ingest #{rep + 1}: {detail['server']} {gateway.throughput:,.0f}/s "
                       f"p50 {gateway.p50_ms:.1f} ms p99 {gateway.p99_ms:.1f} ms "
                       f"errors {errors}; pgbench {limit.tps:,.0f}/s "
                       f"p50 {limit.p50_ms:.1f} ms p99 {limit.p99_ms:.1f} ms; "
                       f"ratio {gateway.throughput / limit.tps:.2f}; effects "
-                      f"{'ok' if effects['ok'] and outcomes_ok else 'WRONG'}; CPU s: gateway "
+                      f"{'ok' if effects['ok'] and outcomes_ok else 'WRONG'}; CPU s: server "
                       f"{gateway_cpu:.1f} (system {gateway_system:.1f}), postgres {pg_cpu:.1f}, "
                       f"sender {gateway.sender_cpu_seconds:.1f}; the same through pgbench: "
                       f"postgres {pg_cpu_limit:.1f}, pgbench {pgbench_cpu:.1f}",
@@ -413,6 +418,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
 
 def figures(detail: dict[str, Any]) -> list[Figure]:
     reps = detail["repetitions"]
+    name = "ingest" if detail.get("server", "gateway") == "gateway" else "ingest (bare)"
     ratios = [r["ratio"] for r in reps]
     # the median repetition (by ratio) gives the row; the range of all is in the note
     mid = sorted(reps, key=lambda r: r["ratio"])[len(reps) // 2]
@@ -423,16 +429,16 @@ def figures(detail: dict[str, Any]) -> list[Figure]:
     limit_ok = all(r["pgbench_claims"]["ok"] for r in reps)
     spread = f"{min(ratios):.2f}-{max(ratios):.2f} over {len(reps)} runs"
     return [
-        Figure("ingest", "webhooks/s", gw["throughput"], "/s", pg["tps"], median(ratios),
+        Figure(name, "webhooks/s", gw["throughput"], "/s", pg["tps"], median(ratios),
                ">= 0.75", median(ratios) >= 0.75, note=f"ratio {spread}"),
-        Figure("ingest", "p50 latency", gw["p50_ms"], "ms", pg["p50_ms"],
+        Figure(name, "p50 latency", gw["p50_ms"], "ms", pg["p50_ms"],
                gw["p50_ms"] / pg["p50_ms"]),
-        Figure("ingest", "p99 latency", gw["p99_ms"], "ms", pg["p99_ms"],
+        Figure(name, "p99 latency", gw["p99_ms"], "ms", pg["p99_ms"],
                gw["p99_ms"] / pg["p99_ms"], "<= 30 ms", max(p99s) <= 30,
                note=f"p99 {min(p99s):.1f}-{max(p99s):.1f} ms over {len(reps)} runs"),
-        Figure("ingest", "errors", errors, "", sum(r["pgbench"]["failed"] for r in reps),
+        Figure(name, "errors", errors, "", sum(r["pgbench"]["failed"] for r in reps),
                None, "0", errors == 0),
-        Figure("ingest", "effects in the database", "exact" if effects_ok else "WRONG",
+        Figure(name, "effects in the database", "exact" if effects_ok else "WRONG",
                target="exact", met=effects_ok,
                note="pgbench's own claims " + ("as expected" if limit_ok else "WRONG")),
     ]

@@ -1,0 +1,60 @@
+"""The benchmarks' pgbench scripts: built from the gateway's statements, every parameter bound,
+every variable defined, and what they run does what the gateway does."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import pytest
+
+from bench import create, ingest
+from gateway.store import Database
+from tests.factories import insert_job
+
+_VARIABLE = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+_SET = re.compile(r"^\\set ([a-z_][a-z0-9_]*) ", re.MULTILINE)
+_BUILTIN = {"client_id"}
+
+
+def _undefined(script: str, variables: Mapping[str, object]) -> set[str]:
+    # pgbench variables outside SQL casts (`::text` is not a variable)
+    used = set(_VARIABLE.findall(script))
+    return used - set(variables) - set(_SET.findall(script)) - _BUILTIN
+
+
+@pytest.mark.parametrize(
+    ("script", "variables"),
+    [
+        (ingest.pgbench_script, lambda: ingest.pgbench_variables(1, 2)),
+        (create.pgbench_script, lambda: create.pgbench_variables(1)),
+    ],
+    ids=["ingest", "create"],
+)
+def test_every_placeholder_is_bound_and_every_variable_defined(
+    script: Callable[[], str], variables: Callable[[], Mapping[str, object]]
+) -> None:
+    text = script()
+    assert not re.search(r"\$\d", text), "a $n placeholder left unbound"
+    assert _undefined(text, variables()) == set()
+
+
+async def test_the_ingest_statements_as_bound_apply_a_progress_then_a_completion(
+    db: Database,
+) -> None:
+    """The values pgbench binds, sent by the gateway's own driver: the job moves as the
+    gateway's would, and a repeat of the completion changes nothing."""
+    job_id = await insert_job(db, job_id="1000000000000000042")
+    results = []
+    for payload, key in ((ingest.progress_payload(42), "k1"), (ingest.completed_payload(42), "k2"),
+                         (ingest.completed_payload(42), "k2")):
+        statement, args = ingest.gateway_arguments(payload)
+        bound = tuple(key if a == "id:bench" else a for a in args)
+        row = await db.fetchrow(statement, *bound)
+        assert row is not None
+        results.append((row["seen"], row["claimed"], row["applies"]))
+    assert results == [(False, True, True), (False, True, True), (True, False, False)]
+    job = await db.fetchrow("SELECT status, progress, seq FROM jobs WHERE id = $1", job_id)
+    assert (job["status"], job["progress"], job["seq"]) == ("COMPLETED", 100, 3)
+    assert await db.fetchval("SELECT count(*) FROM job_files WHERE job_id = $1", job_id) == 2
+    assert await db.fetchval("SELECT metadata->>'job_id' FROM notifications") == job_id
