@@ -12,7 +12,7 @@ import dataclasses
 import re
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from bench.common import ensure_tool, percentile
@@ -52,7 +52,7 @@ class PgbenchResult:
     # the throughput of each run, when several are combined
     runs_tps: tuple[float, ...] = ()
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | list[float]]:
         return {
             "runs_tps": [round(t, 1) for t in self.runs_tps] or [round(self.tps, 1)],
             "transactions": self.transactions,
@@ -135,11 +135,11 @@ def _number(text: str, pattern: str, default: int | None = None) -> int:
     return int(match[1])
 
 
-def _read_logs(paths: Sequence[Path] | object) -> tuple[list[float], float, float]:
+def _read_logs(paths: Iterable[Path]) -> tuple[list[float], float, float]:
     """Per-transaction latencies (µs) and the first and last end times (s) of pgbench's logs."""
     latencies: list[float] = []
     first, last = float("inf"), 0.0
-    for path in paths:  # type: ignore[attr-defined]
+    for path in paths:
         for line in Path(path).read_text().splitlines():
             fields = line.split()
             # client_id transaction_no time script_no time_epoch time_us

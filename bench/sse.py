@@ -223,7 +223,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
             cpu_after = cpu_seconds(pid)
         finally:
             for s in streams:
-                s.transport.close()  # type: ignore[attr-defined]
+                s.transport.close()
             if listener is not None:
                 await listener.close()
             server.stop()
@@ -247,7 +247,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
     commit = [(committed - stamp) * 1000 for _, _, stamp, committed in changes]
     expected_events = subscribers * seconds
     per_subscriber_kib = (rss_subscribed - rss_before) / subscribers
-    detail = {
+    detail: dict[str, Any] = {
         "load_before": load,
         "subscribers": subscribers,
         "jobs": job_count,

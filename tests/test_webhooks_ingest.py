@@ -490,3 +490,10 @@ async def test_the_statement_decides_every_state_as_the_state_machine_does(db: D
     assert await db.fetchval(
         "SELECT count(DISTINCT job_id) FROM job_files"
     ) == await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'COMPLETED' AND seq = 2")
+    # the owner is told of a completion or a failure it did not know of; a cancel is silent
+    assert await db.fetchval(
+        "SELECT count(*) FROM notifications n JOIN jobs j ON j.id = n.job_id"
+        " WHERE n.user_id = j.user_id AND n.metadata->>'job_id' = j.id"
+    ) == await db.fetchval(
+        "SELECT count(*) FROM jobs WHERE seq = 2 AND status IN ('COMPLETED', 'FAILED', 'TIMED_OUT')"
+    ) > 0
