@@ -2,10 +2,10 @@
 
 `python -m bench ingest --bare` runs this in place of `sorami-gateway serve`, to show what
 the gateway's own work costs on this machine: the same route, the same decoding and the
-same single statement (`store_webhooks.INGEST`, with the parameters `ingest_arguments`
-gives), on uvloop with an asyncpg pool of the gateway's default size; and nothing else.
-No signature check, no metrics, no logs, no middleware, no deadlines, no order among pool
-borrowers, no orphans: it is not a server to run, only a measure.
+same single statement (`store_webhooks.ingest_statement`), on uvloop with an asyncpg pool
+of the gateway's default size; and nothing else. No signature check, no metrics, no logs,
+no middleware, no deadlines, no order among pool borrowers, no orphans: it is not a server
+to run, only a measure.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from aiohttp import web
 
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import decode
-from gateway.jobs.state import plan as state_plan
 from gateway.settings import Settings
 from gateway.store import webhooks as store_webhooks
 from gateway.store.database import init_connection
@@ -50,13 +49,9 @@ async def serve(database_url: str, port: int) -> None:
         delivery = store_webhooks.Delivery(
             Kind.IMAGE, "id:" + request.headers["webhook-id"], payload, body
         )
-        update = payload.to_update(Kind.IMAGE)
-        plan = state_plan(update.event)
-        statement = store_webhooks.INGEST_FINISHED if plan.finishes else store_webhooks.INGEST
+        statement, args, _ = store_webhooks.ingest_statement(delivery)
         async with pool.acquire() as conn:
-            row = await conn.fetchrow(
-                statement, *store_webhooks.ingest_arguments(delivery, update, plan)
-            )
+            row = await conn.fetchrow(statement, *args)
         return web.Response(body=_outcome(row), content_type="application/json")
 
     async def ready(request: web.Request) -> web.Response:

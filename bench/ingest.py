@@ -48,7 +48,6 @@ from bench.load import raw_request, replay, write_requests
 from bench.report import Figure
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import decode
-from gateway.jobs.state import plan as state_plan
 from gateway.store import webhooks as store_webhooks
 from gateway.webhooks.signing import signature_headers
 
@@ -179,10 +178,8 @@ def gateway_arguments(payload: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
     """The statement the gateway runs for `payload` and the parameters it binds."""
     body = msgspec.json.encode(payload)
     delivery = store_webhooks.Delivery(Kind.IMAGE, "id:bench", decode(body), body)
-    update = delivery.payload.to_update(Kind.IMAGE)
-    plan = state_plan(update.event)
-    statement = store_webhooks.INGEST_FINISHED if plan.finishes else store_webhooks.INGEST
-    return statement, store_webhooks.ingest_arguments(delivery, update, plan)
+    statement, args, _ = store_webhooks.ingest_statement(delivery)
+    return statement, args
 
 
 def _literal(value: Any) -> str:
@@ -204,7 +201,7 @@ def _bound(prefix: str, payload: dict[str, Any]) -> tuple[str, dict[str, str]]:
     params: dict[int, str] = {}
     variables: dict[str, str] = {}
     for n, value in enumerate(args, start=1):
-        if value == payload["job_id"] and n == 1:
+        if n == 1:  # the job_id the webhook names
             params[n] = ":job"
         elif value == "id:bench":
             params[n] = ":key"

@@ -107,9 +107,7 @@ LIMIT 1
 """
 
 
-BY_BACKEND_ID = by_backend_id("$1", "$2")
-
-LOCK_BY_BACKEND_ID = BY_BACKEND_ID + "FOR UPDATE OF j\n"
+LOCK_BY_BACKEND_ID = by_backend_id("$1", "$2") + "FOR UPDATE OF j\n"
 
 # Every job of a batch that changed: its final row, its event rows (consecutive seqs), and
 # one NOTIFY per job (listeners re-read job_events after the seq they have). The event rows

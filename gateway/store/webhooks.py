@@ -40,7 +40,7 @@ from gateway.jobs.state import plan as state_plan
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
 from gateway.store.errors import StoreError
-from gateway.store.jobs import Applied, JobUpdate, LockedJob
+from gateway.store.jobs import Applied, LockedJob
 
 
 class Outcome(enum.StrEnum):
@@ -138,11 +138,13 @@ def _names(statuses: frozenset[Status]) -> tuple[str, ...]:
     return tuple(sorted(s.value for s in statuses))
 
 
-def ingest_arguments(delivery: Delivery, update: JobUpdate, plan: Plan) -> tuple[Any, ...]:
-    """The parameters of INGEST (INGEST_FINISHED when `plan.finishes`) for `delivery`, whose
-    update is `update` and the plan of its event `plan`."""
+def ingest_statement(delivery: Delivery) -> tuple[str, tuple[Any, ...], Plan]:
+    """What `ingest` sends first for `delivery`: INGEST, or INGEST_FINISHED for a terminal
+    event; its parameters; and the plan of the delivery's event they carry."""
     kind, payload = delivery.kind, delivery.payload
-    return (
+    update = payload.to_update(kind)
+    plan = state_plan(update.event)
+    args = (
         *store_jobs.update_arguments(
             payload.job_id, kind, update, JobState(plan.status, plan.progress), plan.finishes
         ),
@@ -152,16 +154,14 @@ def ingest_arguments(delivery: Delivery, update: JobUpdate, plan: Plan) -> tuple
         kind.value,
         event_status(payload),
     )
+    return (INGEST_FINISHED if plan.finishes else INGEST), args, plan
 
 
 async def ingest(conn: asyncpg.Connection, delivery: Delivery) -> Ingested:
     """Dedupe and apply one delivery. Outside a transaction, each statement commits on its
     own; inside the caller's, everything commits with it."""
-    update = delivery.payload.to_update(delivery.kind)
-    plan = state_plan(update.event)
-    row = await conn.fetchrow(
-        INGEST_FINISHED if plan.finishes else INGEST, *ingest_arguments(delivery, update, plan)
-    )
+    statement, args, plan = ingest_statement(delivery)
+    row = await conn.fetchrow(statement, *args)
     if row is not None:
         job = LockedJob.from_record(row)
         if row["seen"] or (row["locked"] and not row["claimed"]):
