@@ -14,7 +14,9 @@ pgbench runs the same statement per webhook (INGEST, or on completion INGEST_FIN
 files and the owner's notification: one statement, its own transaction, as in the gateway),
 with the parameters the gateway binds for the same payloads, in the same mix: per client,
 per 5 webhooks, progress and completion of one job, the same of another, and a duplicate of
-the last completion (its key taken already).
+the last completion (its key taken already). Once more after those two runs, pgbench runs the
+same statements less their NOTIFY: every job change NOTIFYs its live listeners, PostgreSQL
+commits NOTIFYing transactions one at a time, and that run shows what this costs the limit.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from bench.load import raw_request, replay, write_requests
 from bench.report import Figure
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import decode
+from gateway.store import jobs as store_jobs
 from gateway.store import webhooks as store_webhooks
 from gateway.webhooks.signing import signature_headers
 
@@ -193,11 +196,18 @@ def _literal(value: Any) -> str:
     return str(value)
 
 
-def _bound(prefix: str, payload: dict[str, Any]) -> tuple[str, dict[str, str]]:
+def _bound(
+    prefix: str, payload: dict[str, Any], notify: bool = True
+) -> tuple[str, dict[str, str]]:
     """The gateway's statement for `payload` with the job and the key as the script's
     variables, every other parameter a variable holding the gateway's own value (NULL in
-    place, pgbench variables cannot be NULL); and those variables."""
+    place, pgbench variables cannot be NULL); and those variables. Without `notify`, the
+    statement's NOTIFY is left out and nothing else changes."""
     statement, args = gateway_arguments(payload)
+    if not notify:
+        statement = statement.replace(store_jobs.NOTIFY_CALL, "NULL::void")
+        if "pg_notify" in statement:
+            raise ValueError("the ingest statement NOTIFYs otherwise than NOTIFY_CALL")
     params: dict[int, str] = {}
     variables: dict[str, str] = {}
     for n, value in enumerate(args, start=1):
@@ -213,9 +223,11 @@ def _bound(prefix: str, payload: dict[str, Any]) -> tuple[str, dict[str, str]]:
     return pgbench.bind(statement, params), variables
 
 
-def pgbench_script() -> str:
-    progress, _ = _bound("p", progress_payload(0))
-    completion, _ = _bound("c", completed_payload(0))
+def pgbench_script(notify: bool = True) -> str:
+    """One webhook per run of the script. Without `notify`: the same statements less their
+    NOTIFY, to show what PostgreSQL's serialized commits of NOTIFYing transactions cost."""
+    progress, _ = _bound("p", progress_payload(0), notify)
+    completion, _ = _bound("c", completed_payload(0), notify)
     return "\n".join([
         "-- one webhook per script; n counts this client's webhooks",
         r"\set t :n % 5",
@@ -300,10 +312,11 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
     webhook_jobs: int = args.ingest_jobs
     repeats: int = args.repeat
     requests_total = math.ceil(webhook_jobs * 2.5)
-    # pgbench runs before and after the gateway, each half as many transactions
+    # pgbench runs before and after the gateway, each half as many transactions, then once
+    # more as many without the NOTIFY
     per_client = math.ceil(requests_total / CONNECTIONS / 2)
     pg_jobs = 2 * CONNECTIONS * math.ceil(per_client / 5)
-    stride = webhook_jobs + 2 * pg_jobs
+    stride = webhook_jobs + 3 * pg_jobs
     preload_count = max(args.preload, stride * repeats)
     detail: dict[str, Any] = {"server": "bare" if args.bare else "gateway",
                               "preloaded_jobs": preload_count, "webhook_jobs": webhook_jobs,
@@ -316,7 +329,9 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
             print(f"ingest: preloading {preload_count:,} jobs", flush=True)
             detail["preload_seconds"] = round(await preload(conn, preload_count), 1)
             script = pgbench_script()
+            quiet_script = pgbench_script(notify=False)
             (out / "ingest-pgbench.sql").write_text(script)
+            (out / "ingest-pgbench-without-notify.sql").write_text(quiet_script)
             for rep in range(repeats):
                 load = wait_for_quiet(args.quiet_load, args.quiet_wait)
                 first_job = rep * stride
@@ -324,9 +339,10 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                       f"2 x {per_client * CONNECTIONS:,} transactions, before and after the "
                       f"gateway", flush=True)
 
-                async def limit_run(half: int, rep: int = rep, first_job: int = first_job
+                async def limit_run(half: int, rep: int = rep, first_job: int = first_job,
+                                    script: str = script
                                     ) -> tuple[pgbench.PgbenchResult, int, float, float]:
-                    keybase = (2 * rep + half + 1) * 10**12
+                    keybase = (3 * rep + half + 1) * 10**12
                     jobbase = JOB_ID_BASE + first_job + webhook_jobs + half * pg_jobs
                     pg_before, own_before = postgres_cpu_seconds(), children_cpu_seconds()
                     result = pgbench.run(dsn, script, clients=CONNECTIONS,
@@ -366,12 +382,13 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                 finally:
                     server.stop()
                 after_run, claims_after, pg_cpu_after, pgbench_cpu_after = await limit_run(1)
+                quiet, claims_quiet, _, _ = await limit_run(2, script=quiet_script)
                 pg_cpu_limit += pg_cpu_after
                 pgbench_cpu += pgbench_cpu_after
                 limit = pgbench.combine([before, after_run])
                 claims = claims_before + claims_after
-                expected_claims = 2 * CONNECTIONS * sum(1 for n in range(per_client)
-                                                        if n % 5 != 4)
+                claims_per_run = CONNECTIONS * sum(1 for n in range(per_client) if n % 5 != 4)
+                expected_claims = 2 * claims_per_run
                 effects = await check_effects(conn, rep, first_job, webhook_jobs)
                 outcomes_ok = (
                     gateway.outcomes.get("applied", 0) == 2 * webhook_jobs
@@ -393,6 +410,12 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                     "pgbench": limit.as_dict(),
                     "pgbench_claims": {"found": claims, "expected": expected_claims,
                                        "ok": claims == expected_claims},
+                    # the same statements less their NOTIFY, once, as many as either run
+                    "pgbench_without_notify": {
+                        **quiet.as_dict(),
+                        "claims": {"found": claims_quiet, "expected": claims_per_run,
+                                   "ok": claims_quiet == claims_per_run},
+                    },
                     "ratio": gateway.throughput / limit.tps,
                     "effects": effects,
                     "outcomes_ok": outcomes_ok,
@@ -406,7 +429,8 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                       f"{'ok' if effects['ok'] and outcomes_ok else 'WRONG'}; CPU s: server "
                       f"{gateway_cpu:.1f} (system {gateway_system:.1f}), postgres {pg_cpu:.1f}, "
                       f"sender {gateway.sender_cpu_seconds:.1f}; the same through pgbench: "
-                      f"postgres {pg_cpu_limit:.1f}, pgbench {pgbench_cpu:.1f}",
+                      f"postgres {pg_cpu_limit:.1f}, pgbench {pgbench_cpu:.1f}; pgbench less "
+                      f"the NOTIFY {quiet.tps:,.0f}/s p99 {quiet.p99_ms:.1f} ms",
                       flush=True)
         finally:
             await conn.close()
@@ -423,19 +447,31 @@ def figures(detail: dict[str, Any]) -> list[Figure]:
     p99s = [r["gateway"]["p99_ms"] for r in reps]
     errors = sum(r["gateway"]["errors"] for r in reps)
     effects_ok = all(r["effects"]["ok"] and r["outcomes_ok"] for r in reps)
-    limit_ok = all(r["pgbench_claims"]["ok"] for r in reps)
+    limit_ok = all(r["pgbench_claims"]["ok"] and r["pgbench_without_notify"]["claims"]["ok"]
+                   for r in reps)
     spread = f"{min(ratios):.2f}-{max(ratios):.2f} over {len(reps)} runs"
+    quiet = [r["pgbench_without_notify"] for r in reps]
+    quiet_note = (f"; pgbench less the NOTIFY: {_span([q['tps'] for q in quiet], '/s', 0)}, "
+                  f"p99 {_span([q['p99_ms'] for q in quiet], ' ms', 1)}")
     return [
         Figure(name, "webhooks/s", gw["throughput"], "/s", pg["tps"], median(ratios),
-               ">= 0.75", median(ratios) >= 0.75, note=f"ratio {spread}"),
+               ">= 0.75", median(ratios) >= 0.75, note=f"ratio {spread}" + quiet_note),
         Figure(name, "p50 latency", gw["p50_ms"], "ms", pg["p50_ms"],
                gw["p50_ms"] / pg["p50_ms"]),
         Figure(name, "p99 latency", gw["p99_ms"], "ms", pg["p99_ms"],
                gw["p99_ms"] / pg["p99_ms"], "<= 30 ms", max(p99s) <= 30,
-               note=f"p99 {min(p99s):.1f}-{max(p99s):.1f} ms over {len(reps)} runs"),
+               note=f"p99 {min(p99s):.1f}-{max(p99s):.1f} ms over {len(reps)} runs; "
+                    f"pgbench's own {_span([r['pgbench']['p99_ms'] for r in reps], ' ms', 1)}"),
         Figure(name, "errors", errors, "", sum(r["pgbench"]["failed"] for r in reps),
                None, "0", errors == 0),
         Figure(name, "effects in the database", "exact" if effects_ok else "WRONG",
                target="exact", met=effects_ok,
                note="pgbench's own claims " + ("as expected" if limit_ok else "WRONG")),
     ]
+
+
+def _span(values: list[float], unit: str, digits: int) -> str:
+    low, high = min(values), max(values)
+    if round(low, digits) == round(high, digits):
+        return f"{low:,.{digits}f}{unit}"
+    return f"{low:,.{digits}f}-{high:,.{digits}f}{unit}"

@@ -10,6 +10,7 @@ import pytest
 
 from bench import create, ingest
 from gateway.store import Database
+from gateway.store import jobs as store_jobs
 from tests.factories import insert_job
 
 _VARIABLE = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
@@ -27,9 +28,10 @@ def _undefined(script: str, variables: Mapping[str, object]) -> set[str]:
     ("script", "variables"),
     [
         (ingest.pgbench_script, lambda: ingest.pgbench_variables(1, 2)),
+        (lambda: ingest.pgbench_script(notify=False), lambda: ingest.pgbench_variables(1, 2)),
         (create.pgbench_script, lambda: create.pgbench_variables(1)),
     ],
-    ids=["ingest", "create"],
+    ids=["ingest", "ingest without notify", "create"],
 )
 def test_every_placeholder_is_bound_and_every_variable_defined(
     script: Callable[[], str], variables: Callable[[], Mapping[str, object]]
@@ -37,6 +39,13 @@ def test_every_placeholder_is_bound_and_every_variable_defined(
     text = script()
     assert not re.search(r"\$\d", text), "a $n placeholder left unbound"
     assert _undefined(text, variables()) == set()
+
+
+def test_the_script_without_notify_differs_only_by_its_notify() -> None:
+    with_notify, without = ingest.pgbench_script(), ingest.pgbench_script(notify=False)
+    assert with_notify.count("pg_notify(") == 2  # progress and completion
+    assert "pg_notify" not in without
+    assert with_notify.replace(store_jobs.NOTIFY_CALL, "NULL::void") == without
 
 
 async def test_the_ingest_statements_as_bound_apply_a_progress_then_a_completion(

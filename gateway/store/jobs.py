@@ -23,6 +23,11 @@ from gateway.store.database import json_text
 from gateway.store.errors import StoreError
 
 NOTIFY_CHANNEL = "sorami_job_events"
+# The wake-up of live listeners for a changed job (see gateway.store.events). PostgreSQL
+# serializes the commits of transactions that NOTIFY (they queue for one lock, held until
+# the commit is flushed): statements that change jobs commit one after the other, each
+# after its own flush, however many connections send them (`bench ingest` measures it).
+NOTIFY_CALL = "pg_notify('" + NOTIFY_CHANNEL + "', id || ':' || seq)"
 
 JOB_COLUMNS = (
     "j.id, j.kind, j.user_id, j.status, j.progress, j.seq, j.created_at, j.first_webhook_at"
@@ -147,7 +152,7 @@ WITH changes AS (
     WHERE j.id = ANY($1::text[]) AND j.id = c.id AND j.seq = c.seq_before
     RETURNING j.id, j.seq
 )
-SELECT id, pg_notify('sorami_job_events', id || ':' || seq) FROM updated
+SELECT id, """ + NOTIFY_CALL + """ FROM updated
 """
 
 INSERT_FILES = """
@@ -219,15 +224,14 @@ _finished_ctes = """, files AS (
     RETURNING id
 )"""
 
-_notify = "pg_notify('sorami_job_events', id || ':' || seq)"
 
 APPLY = "WITH " + _apply_ctes() + f"""
-SELECT seq, {_notify} FROM updated
+SELECT seq, {NOTIFY_CALL} FROM updated
 """
 
 # A terminal transition in the same single statement, with its files and notification.
 APPLY_FINISHED = "WITH " + _apply_ctes() + _finished_ctes + f"""
-SELECT seq, {_notify}, (SELECT id FROM notification) AS notification_id
+SELECT seq, {NOTIFY_CALL}, (SELECT id FROM notification) AS notification_id
 FROM updated
 """
 
@@ -257,7 +261,7 @@ def guarded(
         + (_finished_ctes if finished else "")
         + f"""
 SELECT {columns}(SELECT seq FROM updated) AS seq,
-       (SELECT {_notify} FROM updated) AS notified,
+       (SELECT {NOTIFY_CALL} FROM updated) AS notified,
        {notification} AS notification_id
 {source}"""
     )
