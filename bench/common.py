@@ -353,6 +353,14 @@ def median(values: Sequence[float]) -> float:
     return percentile(values, 50)
 
 
+def span(values: Sequence[float], unit: str = "", digits: int = 2) -> str:
+    """`low-high` of `values` (one value when they round alike), for the notes of a table."""
+    low, high = min(values), max(values)
+    if round(low, digits) == round(high, digits):
+        return f"{low:,.{digits}f}{unit}"
+    return f"{low:,.{digits}f}-{high:,.{digits}f}{unit}"
+
+
 def run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 

@@ -33,6 +33,7 @@ from bench.common import (
     postgres_cpu_seconds,
     profiled,
     scratch_database,
+    span,
     wait_for_quiet,
 )
 from bench.load import raw_request, replay, write_requests
@@ -232,7 +233,7 @@ def figures(detail: dict[str, Any]) -> list[Figure]:
     return [
         Figure("create", "creates/s", gw["throughput"], "/s", pg["tps"], median(ratios),
                ">= 0.6", median(ratios) >= 0.6,
-               note=f"ratio {min(ratios):.2f}-{max(ratios):.2f} over {len(reps)} runs"),
+               note=f"ratio {span(ratios)} over {len(reps)} runs"),
         Figure("create", "p50 latency", gw["p50_ms"], "ms", pg["p50_ms"],
                gw["p50_ms"] / pg["p50_ms"]),
         Figure("create", "p99 latency", gw["p99_ms"], "ms", pg["p99_ms"],
