@@ -291,8 +291,6 @@ class _Pass:
 
         async def worker() -> None:
             async with self.db.connection() as conn:
-                with translate_errors():
-                    await store.prepare_worker(conn)
                 while (item := await queue.get()) is not None:
                     with translate_errors():
                         await work(conn, item)

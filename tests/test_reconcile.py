@@ -888,6 +888,22 @@ async def test_every_job_timed_out_in_concurrent_batches_is_counted(
     assert await db.fetchval("SELECT count(*) FROM notifications") == 450
 
 
+async def test_a_batch_commits_asynchronously_and_its_connection_waits_for_flushes_after(
+    db: Database,
+) -> None:
+    job_id = await insert_job(db)
+    cutoff = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
+    async with db.connection() as conn:
+        async with conn.transaction():
+            assert await store.time_out(conn, [job_id], cutoff, "late") == 1
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        async with conn.transaction():
+            await store.apply_matches(conn, 0, [])
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+
+
 async def test_job_timeouts_come_from_the_settings(db: Database, database_url: str) -> None:
     job_id = await insert_job(db)
     await db.execute("UPDATE jobs SET updated_at = now() - interval '5 minutes'")

@@ -20,13 +20,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from gateway.store.errors import StoreError
-from gateway.store.events import CONNECTION_ERRORS, Listener
+from gateway.store.events import LISTENER_APPLICATION_NAME
 from gateway.store.jobs import NOTIFY_CHANNEL
+from gateway.store.listen import listen
 
 log = structlog.get_logger(__name__)
-
-_LISTENER_ERRORS: tuple[type[BaseException], ...] = (StoreError, *CONNECTION_ERRORS)
 
 T = TypeVar("T")
 
@@ -170,32 +168,20 @@ class JobEventHub:
             for subscription in subscribers:
                 subscription.wake(self._generation)
 
+    def _listening_again(self) -> None:
+        self._listening.set()
+        # changes committed while nobody listened: every subscriber reads again
+        self._wake_all()
+
     async def _run(self) -> None:
-        delay = self._reconnect_delay
-        while True:
-            listener: Listener | None = None
-            try:
-                listener = await Listener.open(self._dsn, self._channel, self._on_payload)
-                self._listening.set()
-                log.info("job_events_listening", channel=self._channel)
-                delay = self._reconnect_delay
-                # changes committed while nobody listened: every subscriber reads again
-                self._wake_all()
-                await listener.wait_lost(self._keepalive)
-                log.warning("job_events_listener_lost", channel=self._channel)
-            except _LISTENER_ERRORS as exc:
-                log.warning(
-                    "job_events_listener_failed",
-                    channel=self._channel,
-                    error=type(exc).__name__,
-                    retry_in_seconds=delay,
-                )
-            except Exception:
-                # live events must come back whatever went wrong: log it and reconnect
-                log.exception("job_events_listener_crashed", channel=self._channel)
-            finally:
-                self._listening.clear()
-                if listener is not None:
-                    await listener.close()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._max_reconnect_delay)
+        await listen(
+            self._dsn,
+            self._channel,
+            self._on_payload,
+            application_name=LISTENER_APPLICATION_NAME,
+            on_listening=self._listening_again,
+            on_lost=self._listening.clear,
+            keepalive_seconds=self._keepalive,
+            reconnect_delay=self._reconnect_delay,
+            max_reconnect_delay=self._max_reconnect_delay,
+        )

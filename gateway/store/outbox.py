@@ -13,7 +13,6 @@ the one LISTEN connection of a process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -25,14 +24,16 @@ from gateway.jobs.kinds import Kind
 from gateway.jobs.state import Status, transition
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
-from gateway.store.database import connect, translate_errors
-from gateway.store.errors import Duplicate, StoreError
+from gateway.store.database import translate_errors
+from gateway.store.errors import Duplicate
 from gateway.store.jobs import Applied, JobUpdate, LockedJob
+from gateway.store.listen import listen as listen_channel
 from gateway.store.orphans import Attached
 
 log = structlog.get_logger(__name__)
 
 WAKE_CHANNEL = "sorami_outbox"
+LISTENER_APPLICATION_NAME = "sorami-outbox"
 
 ENQUEUE = """
 WITH row AS (
@@ -322,61 +323,14 @@ async def record_backend_id(
         return None
 
 
-async def listen(
-    dsn: str,
-    on_wake: Callable[[], None],
-    *,
-    stopping: asyncio.Event,
-    retry_seconds: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0),
-) -> None:
-    """LISTEN on the wake channel on one connection until `stopping` is set.
-
-    `on_wake` is called for every NOTIFY and after every (re)connection, since NOTIFYs sent
-    while the connection was down are lost.
-    """
-    failures = 0
-    while not stopping.is_set():
-        if await _listen_once(dsn, on_wake, stopping, reconnected=failures > 0):
-            failures = 0
-        if stopping.is_set():
-            break
-        delay = retry_seconds[min(failures, len(retry_seconds) - 1)]
-        failures += 1
-        await _wait_either(stopping, asyncio.Event(), delay)
-
-
-async def _listen_once(
-    dsn: str, on_wake: Callable[[], None], stopping: asyncio.Event, *, reconnected: bool
-) -> bool:
-    """One connection's life; False when it could not even be opened."""
-    try:
-        conn = await connect(dsn)
-    except StoreError as exc:
-        log.warning("outbox_listener_unavailable", error=str(exc))
-        return False
-    lost = asyncio.Event()
-    try:
-        conn.add_termination_listener(lambda _conn: lost.set())
-        await conn.add_listener(WAKE_CHANNEL, lambda *_args: on_wake())
-        if reconnected:
-            log.info("outbox_listener_reconnected")
-        on_wake()
-        await _wait_either(stopping, lost, None)
-        if lost.is_set() and not stopping.is_set():
-            log.warning("outbox_listener_lost", error="connection closed")
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        log.warning("outbox_listener_lost", error=type(exc).__name__)
-    finally:
-        if not conn.is_closed():
-            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                await conn.close(timeout=2)
-    return True
-
-
-async def _wait_either(first: asyncio.Event, second: asyncio.Event, seconds: float | None) -> None:
-    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
-    try:
-        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
+async def listen(dsn: str, on_wake: Callable[[], None], *, stopping: asyncio.Event) -> None:
+    """LISTEN on the wake channel until `stopping` is set; `on_wake` is called for every
+    NOTIFY and after every (re)connection, since NOTIFYs sent while it was down are lost."""
+    await listen_channel(
+        dsn,
+        WAKE_CHANNEL,
+        lambda _payload: on_wake(),
+        application_name=LISTENER_APPLICATION_NAME,
+        on_listening=on_wake,
+        stopping=stopping,
+    )

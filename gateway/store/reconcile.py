@@ -416,13 +416,14 @@ async def plan_counts(conn: asyncpg.Connection, run_id: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------
 # applying matches, a batch per transaction
 
-# A worker session's transactions commit without waiting for their WAL flush. Atomicity
-# is unchanged (each transaction is still all or nothing); a database crash may forget the
-# last few commits, which leaves those orphans (or stale jobs) as they were, and the next
-# run redoes them from the orphans' stored events. Waiting for a flush per batch would
-# cost a disk sync each, serialized by NOTIFY's commit lock. The pool resets it on release.
+# A batch's transaction (matches applied, jobs timed out) commits without waiting for its
+# WAL flush. Atomicity is unchanged (each transaction is still all or nothing); a database
+# crash may forget the last few commits, which leaves those orphans (or stale jobs) as they
+# were, and the next run redoes them from the orphans' stored events. Waiting for a flush per
+# batch would cost a disk sync each, serialized by NOTIFY's commit lock. Set for the
+# transaction only (is_local): the connection's next transactions wait for their flush again.
 ASYNC_COMMIT = """
-SET synchronous_commit = off
+SELECT set_config('synchronous_commit', 'off', true)
 """
 
 PLANNED_MATCHES = """
@@ -514,8 +515,9 @@ class MatchResult:
     failed: bool = False
 
 
-async def prepare_worker(conn: asyncpg.Connection) -> None:
-    """Set up a connection that applies many batches, one transaction each."""
+async def commit_without_flush(conn: asyncpg.Connection) -> None:
+    """The caller's open transaction commits without waiting for its WAL flush."""
+    assert conn.is_in_transaction(), "synchronous_commit is set per transaction"
     await conn.execute(ASYNC_COMMIT)
 
 
@@ -551,6 +553,7 @@ async def apply_matches(
     next run. Either way every decision row is written in the same transaction. One result
     per match, in order.
     """
+    await commit_without_flush(conn)
     jobs = await store_jobs.lock_many(conn, [m.job_id for m in matches])
     await orphans.lock_backend_ids(conn, [(m.kind, m.backend_job_id) for m in matches])
     states = await conn.fetch(
@@ -836,6 +839,7 @@ async def time_out(
     since `cutoff`, each through the state machine (which notifies its owner), written in
     bulk by `jobs.apply_many`; returns how many."""
     update = JobUpdate(event=Event(Status.TIMED_OUT), source="timeout", message=message)
+    await commit_without_flush(conn)
     rows = await conn.fetch(LOCK_STALE_JOBS, job_ids, cutoff)
     replayed = await store_jobs.apply_many(
         conn, [(store_jobs.LockedJob.from_record(row), (update,)) for row in rows]
