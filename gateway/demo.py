@@ -34,13 +34,13 @@ from rich.table import Table
 
 from gateway.app import create_app
 from gateway.embedded import embedded_postgres, new_webhook_secret
+from gateway.jobs.state import TERMINAL, Status
 from gateway.settings import Secret, Settings
 from gateway.simulator import SimulatedBackend, SimulatorConfig, parse_mode
 from gateway.store.migrations import migrate
 
 DEMO_DATABASE = "sorami_demo"
 USERS = ("alice", "bob", "chloe")
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -51,7 +51,7 @@ class Planned:
     kind: str
     prompt: str
     mode: str
-    expect_status: str
+    expect_status: Status | None  # None: no gateway job
     expect_resolution: str
     # sent straight to the backend, as the old app did for videos: no gateway job
     direct_to_backend: bool = False
@@ -59,39 +59,39 @@ class Planned:
 
 
 BASE_PLAN = (
-    Planned("alice", "image", "a lighthouse at dawn, watercolor", "honest", "COMPLETED",
+    Planned("alice", "image", "a lighthouse at dawn, watercolor", "honest", Status.COMPLETED,
             "direct"),
-    Planned("bob", "video", "waves rolling on a black sand beach", "honest", "COMPLETED",
+    Planned("bob", "video", "waves rolling on a black sand beach", "honest", Status.COMPLETED,
             "direct"),
-    Planned("chloe", "image", "a red fox curled up in fresh snow", "own-uuid", "COMPLETED",
+    Planned("chloe", "image", "a red fox curled up in fresh snow", "own-uuid", Status.COMPLETED,
             "alias"),
-    Planned("alice", "image", "a bowl of ramen, studio lighting", "lost-answer", "COMPLETED",
+    Planned("alice", "image", "a bowl of ramen, studio lighting", "lost-answer", Status.COMPLETED,
             "direct"),
-    Planned("bob", "image", "an origami crane on a wooden desk", "duplicates", "COMPLETED",
+    Planned("bob", "image", "an origami crane on a wooden desk", "duplicates", Status.COMPLETED,
             "direct"),
     Planned("chloe", "video", "a hummingbird drinking from a flower", "out-of-order",
-            "COMPLETED", "direct"),
-    Planned("alice", "image", "a neon city street in the rain", "fail", "FAILED", "direct"),
-    Planned("bob", "image", "a mountain cabin under the northern lights", "slow", "COMPLETED",
+            Status.COMPLETED, "direct"),
+    Planned("alice", "image", "a neon city street in the rain", "fail", Status.FAILED, "direct"),
+    Planned("bob", "image", "a mountain cabin under the northern lights", "slow", Status.COMPLETED,
             "direct"),
-    Planned("chloe", "image", "a cup of coffee with latte art", "no-hints", "COMPLETED",
+    Planned("chloe", "image", "a cup of coffee with latte art", "no-hints", Status.COMPLETED,
             "direct"),
-    Planned("alice", "image", "a sailboat on a calm lake", "own-uuid+lost-answer", "COMPLETED",
+    Planned("alice", "image", "a sailboat on a calm lake", "own-uuid+lost-answer", Status.COMPLETED,
             "reconciled"),
     Planned("bob", "video", "a paper boat in a puddle", "own-uuid+lost-answer+no-hints",
-            "COMPLETED", "reconciled"),
+            Status.COMPLETED, "reconciled"),
     # two users, the same prompt, the same moment: each result must reach its own user
-    Planned("alice", "image", "a cat wearing sunglasses", "own-uuid+lost-answer", "COMPLETED",
+    Planned("alice", "image", "a cat wearing sunglasses", "own-uuid+lost-answer", Status.COMPLETED,
             "reconciled", group=1),
-    Planned("bob", "image", "a cat wearing sunglasses", "own-uuid+lost-answer", "COMPLETED",
+    Planned("bob", "image", "a cat wearing sunglasses", "own-uuid+lost-answer", Status.COMPLETED,
             "reconciled", group=1),
     # the same again without any hint: nobody can tell whose it is, so a person decides
     Planned("chloe", "image", "a cat astronaut floating in space",
-            "own-uuid+lost-answer+no-hints", "QUEUED", "needs review", group=2),
+            "own-uuid+lost-answer+no-hints", Status.QUEUED, "needs review", group=2),
     Planned("alice", "image", "a cat astronaut floating in space",
-            "own-uuid+lost-answer+no-hints", "QUEUED", "needs review", group=2),
+            "own-uuid+lost-answer+no-hints", Status.QUEUED, "needs review", group=2),
     # started on the backend directly, never through the gateway: no job to give it to
-    Planned("bob", "video", "a timelapse of a blooming rose", "own-uuid", "-", "needs review",
+    Planned("bob", "video", "a timelapse of a blooming rose", "own-uuid", None, "needs review",
             direct_to_backend=True),
 )
 
@@ -104,7 +104,7 @@ def plan(jobs: int) -> list[Planned]:
         user = USERS[extra % len(USERS)]
         kind = "video" if extra % 4 == 3 else "image"
         planned.append(
-            Planned(user, kind, f"study #{extra + 1} of light on water", "honest", "COMPLETED",
+            Planned(user, kind, f"study #{extra + 1} of light on water", "honest", Status.COMPLETED,
                     "direct")
         )
         extra += 1
@@ -448,9 +448,9 @@ class Invariants:
         problems = []
         for job_id, row in jobs.items():
             types = per_job.get(job_id, [])
-            if row["status"] == "COMPLETED" and (row["files"] != 1 or len(types) != 1):
+            if row["status"] == Status.COMPLETED and (row["files"] != 1 or len(types) != 1):
                 problems.append(f"{job_id[:8]}: {row['files']} files, {types}")
-            if row["status"] == "FAILED" and (row["files"] != 0 or len(types) != 1):
+            if row["status"] == Status.FAILED and (row["files"] != 0 or len(types) != 1):
                 problems.append(f"{job_id[:8]}: {row['files']} files, {types}")
         sent = self.simulator.sent
         copies = len(sent)
@@ -486,7 +486,7 @@ class Invariants:
         wrong = []
         for t in self.tracked:
             key = t.job_id or t.backend_id or ""
-            status = jobs[key]["status"] if key in jobs else "-"
+            status = Status(jobs[key]["status"]) if key in jobs else None
             got = (status, resolution.get(key, "?"))
             want = (t.planned.expect_status, t.planned.expect_resolution)
             if got != want:

@@ -39,6 +39,8 @@ class Status(enum.StrEnum):
 TERMINAL: Final = frozenset(
     {Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT}
 )
+# Statuses a job still changes from: timeouts, the metrics' active jobs, delivery.
+ACTIVE: Final = frozenset(s for s in Status if s not in TERMINAL)
 
 # Position along the one forward path; every terminal status sits at the end.
 _RANK: Final = {
@@ -141,6 +143,10 @@ def plan(event: Event) -> Plan:
         always.add(Status.TIMED_OUT)
     same = set() if status.terminal else {status}
     return Plan(status, progress, frozenset(always), frozenset(same))
+
+
+# Statuses a completion still applies to: the jobs an orphan's files may complete.
+COMPLETABLE: Final = plan(Event(Status.COMPLETED)).always
 
 
 def transition(current: JobState, event: Event) -> Transition:

@@ -14,6 +14,7 @@ import datetime as dt
 import asyncpg
 
 from gateway.jobs.state import Status
+from gateway.store.statuses import literal
 
 LISTENER_APPLICATION_NAME = "sorami-job-events"
 
@@ -29,9 +30,9 @@ class JobEventRow:
 
 
 # The failure's error text lives on the job (a FAILED event is final, so it is the same).
-EVENTS_AFTER = """
+EVENTS_AFTER = f"""
 SELECT e.seq, e.status, e.progress, e.message, e.created_at,
-       CASE WHEN e.status = 'FAILED' THEN j.error_message END AS error_message
+       CASE WHEN e.status = {literal(Status.FAILED)} THEN j.error_message END AS error_message
 FROM job_events e JOIN jobs j ON j.id = e.job_id
 WHERE e.job_id = $1 AND e.seq > $2
 ORDER BY e.seq

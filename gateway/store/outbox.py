@@ -29,6 +29,7 @@ from gateway.store.errors import Duplicate
 from gateway.store.jobs import Applied, JobUpdate, LockedJob
 from gateway.store.listen import listen as listen_channel
 from gateway.store.orphans import Attached
+from gateway.store.statuses import TERMINAL_LIST
 
 log = structlog.get_logger(__name__)
 
@@ -61,8 +62,6 @@ async def enqueue(
 # claimed by one dispatcher at a time through a lease: `lease_owner` names the claimer and
 # `attempts` (bumped by every claim) tells one claim of the row from the next.
 
-_TERMINAL_STATUSES = "('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')"
-
 # The dispatcher's own bookkeeping (a lease taken, a row given back for later, an accepted
 # call recorded) need not wait for its WAL flush: a crash that forgets it leaves the row to
 # be sent again under the same Idempotency-Key, which the backend answers as the first
@@ -88,7 +87,7 @@ WITH {_ASYNC_COMMIT}, ended AS (
     FROM outbox o
     JOIN jobs j ON j.id = o.job_id
     WHERE {_PENDING}
-      AND o.due_at > now() AND o.action = 'generate' AND j.status IN {_TERMINAL_STATUSES}
+      AND o.due_at > now() AND o.action = 'generate' AND j.status IN {TERMINAL_LIST}
     LIMIT $3
     FOR UPDATE OF o SKIP LOCKED
 ), due_now AS (

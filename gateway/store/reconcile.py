@@ -19,11 +19,12 @@ from typing import Any
 import asyncpg
 
 from gateway.jobs.kinds import Kind
-from gateway.jobs.state import Event, Status
+from gateway.jobs.state import COMPLETABLE, Event, Status
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
 from gateway.store.database import json_text
 from gateway.store.jobs import JobUpdate
+from gateway.store.statuses import TERMINAL_LIST, UNCOMPLETABLE_LIST
 
 # pg_try_advisory_lock key: "sorami-r" as a 64-bit integer, held for a whole run
 RUN_LOCK_KEY = int.from_bytes(b"sorami-r", "big") & 0x7FFF_FFFF_FFFF_FFFF
@@ -120,7 +121,7 @@ _EVIDENCE = """jsonb_build_object(
 # A job can take an orphan: the partial index jobs_candidates' predicate word for word
 # (TIMED_OUT still counts: a late completion completes it), never heard from under its own
 # id, no alias yet.
-_CANDIDATE = """j.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')
+_CANDIDATE = f"""j.status NOT IN {UNCOMPLETABLE_LIST}
       AND j.first_webhook_at IS NULL
       AND NOT EXISTS (SELECT 1 FROM job_aliases a WHERE a.job_id = j.id)
       AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id = j.id)"""
@@ -638,7 +639,7 @@ def _match_obstacle(
         return "the job got another backend id meanwhile"
     if state.job_had_webhook or job.first_webhook_at is not None:
         return "the job heard from the backend under its own id meanwhile"
-    if job.state.status in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
+    if job.state.status not in COMPLETABLE:
         return f"the job is {job.state.status.value} meanwhile"
     return None
 
@@ -784,18 +785,18 @@ async def status(conn: asyncpg.Connection) -> ReconcileStatus:
 # stale jobs: no change for longer than their kind's timeout become TIMED_OUT
 
 # The predicate matches the partial index jobs_active_updated word for word.
-STALE_JOBS = """
+STALE_JOBS = f"""
 SELECT id, updated_at FROM jobs
-WHERE kind = $1 AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')
+WHERE kind = $1 AND status NOT IN {TERMINAL_LIST}
   AND updated_at < $2
   AND (updated_at, id) > ($3, $4)
 ORDER BY updated_at, id
 LIMIT $5
 """
 
-COUNT_STALE_JOBS = """
+COUNT_STALE_JOBS = f"""
 SELECT count(*) FROM jobs
-WHERE kind = $1 AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')
+WHERE kind = $1 AND status NOT IN {TERMINAL_LIST}
   AND updated_at < $2
 """
 
@@ -805,7 +806,7 @@ WHERE kind = $1 AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OU
 LOCK_STALE_JOBS = f"""
 SELECT {store_jobs.JOB_COLUMNS} FROM jobs j
 WHERE j.id = ANY($1::text[]) AND j.updated_at < $2
-  AND j.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')
+  AND j.status NOT IN {TERMINAL_LIST}
 ORDER BY j.id
 FOR UPDATE SKIP LOCKED
 """

@@ -14,15 +14,17 @@ from typing import Any
 
 import asyncpg
 
+from gateway.store.statuses import TERMINAL_LIST
+
 # The predicate matches the partial index jobs_active_status (0006) word for word, so the
 # planner can use it.
-ACTIVE_SNAPSHOT = """
+ACTIVE_SNAPSHOT = f"""
 SELECT
     (SELECT coalesce(jsonb_agg(jsonb_build_array(kind, status, n, age)), '[]'::jsonb)
      FROM (SELECT kind::text, status::text, count(*) AS n,
                   extract(epoch FROM now() - min(updated_at))::float8 AS age
            FROM jobs
-           WHERE status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')
+           WHERE status NOT IN {TERMINAL_LIST}
            GROUP BY kind, status) AS active) AS active_jobs,
     outbox.due,
     outbox.pending,
@@ -46,10 +48,10 @@ FROM (
 ) AS outbox
 """
 
-FINISHED_JOB_COUNTS = """
+FINISHED_JOB_COUNTS = f"""
 SELECT kind::text, status::text, count(*) AS n
 FROM jobs
-WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')
+WHERE status IN {TERMINAL_LIST}
 GROUP BY kind, status
 """
 
