@@ -35,10 +35,10 @@ from bench.common import (
     wait_for_quiet,
 )
 from bench.report import Figure
+from gateway.jobs.records import JobUpdate
 from gateway.jobs.state import Event, Status
 from gateway.store import jobs as store_jobs
 from gateway.store.database import connect
-from gateway.store.jobs import JobUpdate
 
 INSERT_JOBS = """
 INSERT INTO jobs (id, kind, user_id, prompt, prompt_norm, status, progress, message)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.errors import GatewayError
 from gateway.jobs.kinds import Kind
+from gateway.jobs.matching import OPEN_STATES, ORPHAN_STATES, assign_obstacle, dismiss_obstacle
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
 from gateway.store import reconcile as store
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
 
 STATUS_CHOICES = ("open", "unresolved", "unmatched", "matched", "assigned", "dismissed", "all")
 _STATES = {
-    "open": store.OPEN_STATES,
-    "all": ("unresolved", "unmatched", "matched", "assigned", "dismissed"),
+    "open": OPEN_STATES,
+    "all": ORPHAN_STATES,
 }
 
 
@@ -76,33 +77,15 @@ async def assign(
         with translate_errors():
             kind = kind or await _infer_kind(conn, backend_job_id)
             job = await store_jobs.lock(conn, job_id)
-            if job is None:
-                raise OperatorError(f"no job has id {job_id!r}")
-            if job.kind is not kind:
-                raise OperatorError(
-                    f"job {job_id} is a {job.kind.value} job and the orphan a {kind.value} one"
-                )
-            orphan = await _locked_orphan(conn, kind, backend_job_id)
-            if orphan["state"] in ("matched", "assigned"):
-                raise OperatorError(
-                    f"the {kind.value} orphan {backend_job_id} is {orphan['state']} already "
-                    f"(job {orphan['job_id']})"
-                )
-            hinted = orphan["user_id"]
-            if hinted is not None and hinted != job.user_id and not allow_other_user:
-                raise OperatorError(
-                    f"the orphan names user {hinted!r} but job {job_id} belongs to user "
-                    f"{job.user_id!r}; pass --allow-other-user if that is really meant"
-                )
+            orphan = (await store.lock_orphan(conn, kind, backend_job_id)
+                      if job is not None and job.kind is kind else None)
             state = await store.match_state(conn, kind, backend_job_id, job_id)
-            if state is None:  # cannot happen: the orphan's row is locked
-                raise OperatorError(f"the {kind.value} orphan {backend_job_id} disappeared")
-            if state.alias_job_id not in (None, job_id):
-                raise OperatorError(
-                    f"backend job id {backend_job_id} is an alias of job {state.alias_job_id}"
-                )
-            if state.job_has_other_alias:
-                raise OperatorError(f"job {job_id} already has another backend job id")
+            obstacle = assign_obstacle(kind, backend_job_id, job_id, job, orphan, state,
+                                       allow_other_user=allow_other_user)
+            if obstacle is not None:
+                raise OperatorError(obstacle)
+            assert job is not None
+            assert orphan is not None
             attached = await orphans.attach(conn, kind, backend_job_id, job, source="operator")
             status = attached.job.state.status.value
             decision_id = await store.record_decision(
@@ -113,9 +96,9 @@ async def assign(
                 rule="operator",
                 outcome="assigned",
                 evidence={
-                    "user_id": hinted,
+                    "user_id": orphan.user_id,
                     "job_user_id": job.user_id,
-                    "state_before": orphan["state"],
+                    "state_before": orphan.state,
                     "replayed_events": len(attached.transitions),
                     "job_status": status,
                 },
@@ -133,11 +116,11 @@ async def dismiss(
     async with db.transaction() as conn:
         with translate_errors():
             kind = kind or await _infer_kind(conn, backend_job_id)
-            orphan = await _locked_orphan(conn, kind, backend_job_id)
-            if orphan["state"] not in store.OPEN_STATES:
-                raise OperatorError(
-                    f"the {kind.value} orphan {backend_job_id} is {orphan['state']} already"
-                )
+            orphan = await store.lock_orphan(conn, kind, backend_job_id)
+            obstacle = dismiss_obstacle(kind, backend_job_id, orphan)
+            if obstacle is not None:
+                raise OperatorError(obstacle)
+            assert orphan is not None
             await store.dismiss(conn, kind, backend_job_id)
             decision_id = await store.record_decision(
                 conn,
@@ -146,11 +129,11 @@ async def dismiss(
                 job_id=None,
                 rule="operator",
                 outcome="dismissed",
-                evidence={"user_id": orphan["user_id"], "state_before": orphan["state"]},
+                evidence={"user_id": orphan.user_id, "state_before": orphan.state},
                 actor="operator",
                 reason=reason,
             )
-    return Dismissed(kind, backend_job_id, orphan["state"], decision_id)
+    return Dismissed(kind, backend_job_id, orphan.state, decision_id)
 
 
 async def _infer_kind(conn: asyncpg.Connection, backend_job_id: str) -> Kind:
@@ -163,12 +146,3 @@ async def _infer_kind(conn: asyncpg.Connection, backend_job_id: str) -> Kind:
             "pass --kind"
         )
     return kinds[0]
-
-
-async def _locked_orphan(
-    conn: asyncpg.Connection, kind: Kind, backend_job_id: str
-) -> asyncpg.Record:
-    orphan = await store.lock_orphan(conn, kind, backend_job_id)
-    if orphan is None:
-        raise OperatorError(f"no {kind.value} orphan has backend job id {backend_job_id!r}")
-    return orphan

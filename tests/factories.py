@@ -6,10 +6,11 @@ import uuid
 
 from gateway.jobs.kinds import Kind
 from gateway.jobs.prompts import normalize
+from gateway.jobs.records import JobUpdate
 from gateway.jobs.state import Status
 from gateway.store import Database
 from gateway.store import jobs as store_jobs
-from gateway.store.jobs import Applied, JobUpdate
+from gateway.store.jobs import Applied
 
 
 async def insert_job(

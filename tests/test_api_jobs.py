@@ -15,10 +15,10 @@ import pytest
 from gateway import metrics
 from gateway.app import create_app
 from gateway.jobs.kinds import Kind
+from gateway.jobs.records import FileRecord, JobUpdate
 from gateway.jobs.state import Event, Status
 from gateway.settings import Settings
 from gateway.store import Database
-from gateway.store.jobs import FileRecord, JobUpdate
 from tests.factories import apply_update, insert_job
 from tests.tokens import hs256_token, user
 

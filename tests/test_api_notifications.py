@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from gateway.jobs.records import FileRecord, JobUpdate
 from gateway.jobs.state import Event, Status
 from gateway.store import Database
-from gateway.store.jobs import FileRecord, JobUpdate
 from tests.factories import apply_update, insert_job, insert_notification
 from tests.tokens import user
 

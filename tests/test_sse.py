@@ -16,11 +16,11 @@ from gateway import keys
 from gateway.app import create_app
 from gateway.events import JobEventHub
 from gateway.jobs.kinds import Kind
+from gateway.jobs.records import JobUpdate
 from gateway.jobs.state import Event, Status
 from gateway.settings import Settings, SettingsError
 from gateway.store import Database
 from gateway.store.events import LISTENER_APPLICATION_NAME
-from gateway.store.jobs import JobUpdate
 from tests.conftest import HS256_SECRET, WEBHOOK_SECRET
 from tests.factories import apply_update, insert_job
 from tests.procs import clean_env, free_port, start, wait_ready

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from gateway.jobs.kinds import Kind
+from gateway.jobs.records import FileRecord, JobUpdate
 from gateway.jobs.state import Event, Outcome, Status
 from gateway.store import Database
 from gateway.store import jobs as store_jobs
-from gateway.store.jobs import FileRecord, JobUpdate
 from tests.factories import insert_job
 
 FILES = (

@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import decode_stored
+from gateway.jobs.records import LockedJob
 from gateway.jobs.state import Status
 from gateway.store import Database, Duplicate, orphans
 from gateway.store import jobs as store_jobs
@@ -105,7 +106,7 @@ async def attach_one_by_one(db: Database, pairs: list[tuple[Kind, str, str]]) ->
 
 
 async def replay_event_by_event(
-    conn: Any, kind: Kind, backend_id: str, job: store_jobs.LockedJob
+    conn: Any, kind: Kind, backend_id: str, job: LockedJob
 ) -> orphans.Attached:
     """The reference: the alias, then one `jobs.apply` (one UPDATE) per stored event."""
     await orphans.lock_backend_id(conn, kind, backend_id)

@@ -16,11 +16,11 @@ from prometheus_client import REGISTRY
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import decode
 from gateway.jobs.prompts import fingerprint, normalize
+from gateway.jobs.records import JobUpdate
 from gateway.jobs.state import Event, JobState, Status, transition
 from gateway.store import Database, orphans
 from gateway.store import jobs as store_jobs
 from gateway.store import webhooks as store_webhooks
-from gateway.store.jobs import JobUpdate
 from tests.conftest import WEBHOOK_KEY, WEBHOOK_SECRET
 from tests.factories import insert_job
 from tests.signing import signed

@@ -43,10 +43,11 @@ from gateway.database import get_database
 from gateway.errors import Conflict, NotFound, Unprocessable
 from gateway.jobs.kinds import Kind
 from gateway.jobs.prompts import fingerprint
+from gateway.jobs.records import FileRecord, JobUpdate
 from gateway.jobs.state import Event, Status
 from gateway.store import jobs as store_jobs
 from gateway.store import outbox
-from gateway.store.jobs import FileRecord, JobUpdate, JobView, NewJob
+from gateway.store.jobs import JobView, NewJob
 
 log = structlog.get_logger(__name__)
 

@@ -36,11 +36,11 @@ from tenacity import (
 
 from gateway import metrics
 from gateway.delivery.backend import Accepted, BackendClient, Refused, Transient, Unsendable
+from gateway.jobs.records import JobUpdate, LockedJob
 from gateway.jobs.state import Event, Status
 from gateway.settings import Settings
 from gateway.store import Database, StoreError, StoreUnavailable, outbox
 from gateway.store import jobs as store_jobs
-from gateway.store.jobs import JobUpdate, LockedJob
 from gateway.store.orphans import Attached
 
 log = structlog.get_logger(__name__)

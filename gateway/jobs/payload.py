@@ -14,8 +14,8 @@ from typing import Annotated, Any
 import msgspec
 
 from gateway.jobs.kinds import Kind
+from gateway.jobs.records import FileRecord, JobUpdate
 from gateway.jobs.state import Event, Status
-from gateway.store.jobs import FileRecord, JobUpdate
 
 Text = Annotated[str, msgspec.Meta(max_length=100_000)]
 ShortText = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]

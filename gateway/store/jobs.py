@@ -17,8 +17,10 @@ from typing import Any
 import asyncpg
 
 from gateway.jobs.kinds import Kind
+from gateway.jobs.notifications import owner_notification
 from gateway.jobs.prompts import normalize
-from gateway.jobs.state import Event, JobState, Status, Transition, transition
+from gateway.jobs.records import FileRecord, JobUpdate, LockedJob
+from gateway.jobs.state import JobState, Status, Transition, transition
 from gateway.store.database import json_text
 from gateway.store.errors import StoreError
 
@@ -34,55 +36,18 @@ JOB_COLUMNS = (
 )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LockedJob:
-    id: str
-    kind: Kind
-    user_id: str
-    state: JobState
-    seq: int
-    created_at: dt.datetime
-    first_webhook_at: dt.datetime | None
-
-    @classmethod
-    def from_record(cls, r: asyncpg.Record, *, id_column: str = "id") -> LockedJob:
-        """The job of a row; `id_column` names the job's id where `id` is another table's."""
-        return cls(
-            id=r[id_column],
-            kind=Kind(r["kind"]),
-            user_id=r["user_id"],
-            state=JobState(Status(r["status"]), r["progress"]),
-            seq=r["seq"],
-            created_at=r["created_at"],
-            first_webhook_at=r["first_webhook_at"],
-        )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class FileRecord:
-    url: str
-    storage_key: str | None = None
-    filename: str | None = None
-    format: str | None = None
-    size_bytes: int | None = None
-    width: int | None = None
-    height: int | None = None
-    duration_seconds: float | None = None
-    description: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class JobUpdate:
-    """An event plus what it carries, as the state machine and the store need it."""
-
-    event: Event
-    source: str
-    message: str | None = None
-    error_message: str | None = None
-    files: Sequence[FileRecord] = ()
-    model_name: str | None = None
-    generation_time_seconds: float | None = None
-    from_webhook: bool = False
+def locked_job(r: asyncpg.Record, *, id_column: str = "id") -> LockedJob:
+    """The job of a row read with JOB_COLUMNS; `id_column` names the job's id where `id`
+    is another table's."""
+    return LockedJob(
+        id=r[id_column],
+        kind=Kind(r["kind"]),
+        user_id=r["user_id"],
+        state=JobState(Status(r["status"]), r["progress"]),
+        seq=r["seq"],
+        created_at=r["created_at"],
+        first_webhook_at=r["first_webhook_at"],
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -305,7 +270,7 @@ def update_arguments(
 async def lock(conn: asyncpg.Connection, job_id: str) -> LockedJob | None:
     """Lock a job by our id (delivery, cancel, timeouts)."""
     row = await conn.fetchrow(LOCK_BY_ID, job_id)
-    return LockedJob.from_record(row) if row else None
+    return locked_job(row) if row else None
 
 
 # In id order, so that two transactions locking overlapping sets cannot deadlock (rows are
@@ -318,7 +283,7 @@ SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = ANY($1::text[]) ORDER BY j.id FOR 
 async def lock_many(conn: asyncpg.Connection, job_ids: Sequence[str]) -> dict[str, LockedJob]:
     """Lock the jobs that exist among `job_ids`, in id order; keyed by id."""
     rows = await conn.fetch(LOCK_MANY, list(job_ids))
-    return {r["id"]: LockedJob.from_record(r) for r in rows}
+    return {r["id"]: locked_job(r) for r in rows}
 
 
 async def lock_for_backend_id(
@@ -326,7 +291,7 @@ async def lock_for_backend_id(
 ) -> LockedJob | None:
     """Lock the job a webhook's job_id names: our id, or an alias of it."""
     row = await conn.fetchrow(LOCK_BY_BACKEND_ID, backend_job_id, kind.value)
-    return LockedJob.from_record(row) if row else None
+    return locked_job(row) if row else None
 
 
 async def apply(conn: asyncpg.Connection, job: LockedJob, update: JobUpdate) -> Applied:
@@ -461,47 +426,6 @@ async def apply_many(
                 applied[position] = dataclasses.replace(
                     applied[position], notification_id=ids[job_id, type_])
     return [Replayed(job, tuple(applied)) for job, applied in results]
-
-
-_TITLES = {
-    Status.COMPLETED: "{noun} ready",
-    Status.FAILED: "{noun} generation failed",
-    Status.TIMED_OUT: "{noun} generation timed out",
-}
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class OwnerNotification:
-    type: str
-    title: str
-    message: str
-    metadata: dict[str, Any]
-
-
-def owner_notification(
-    kind: Kind, status: Status, update: JobUpdate
-) -> OwnerNotification | None:
-    """What the owner is told when `update` makes a job of `kind` `status`; None for a cancel.
-    The statement that writes it adds the job's id to the metadata.
-
-    One notification per job and terminal type: the constraint makes repeats no-ops.
-    """
-    if status not in _TITLES:
-        return None
-    noun = "Images" if kind is Kind.IMAGE else "Videos"
-    if status is Status.COMPLETED:
-        count = len(update.files)
-        message = f"{count} {kind.value}(s) created."
-    elif status is Status.FAILED:
-        message = update.error_message or update.message or "The generator reported a failure."
-    else:
-        message = update.message or "The generator stopped reporting progress."
-    return OwnerNotification(
-        type=f"{kind.label}_{status.value}",
-        title=_TITLES[status].format(noun=noun),
-        message=message,
-        metadata={"kind": kind.value, "files": len(update.files)},
-    )
 
 
 # --- creating jobs and reading them for their owner ---------------------------------------
@@ -736,4 +660,4 @@ async def lock_owned(
 ) -> LockedJob | None:
     """Lock a job of `kind` that `user_id` owns (cancel); None for anyone else's."""
     row = await conn.fetchrow(LOCK_OWNED, job_id, user_id, kind.value)
-    return LockedJob.from_record(row) if row else None
+    return locked_job(row) if row else None

@@ -17,10 +17,10 @@ import asyncpg
 
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import decode_stored
+from gateway.jobs.records import JobUpdate, LockedJob
 from gateway.jobs.state import Transition
 from gateway.store import jobs as store_jobs
 from gateway.store.errors import Duplicate
-from gateway.store.jobs import JobUpdate, LockedJob
 
 RECORD_ORPHAN = """
 WITH orphan AS (

@@ -21,12 +21,13 @@ import asyncpg
 import structlog
 
 from gateway.jobs.kinds import Kind
+from gateway.jobs.records import JobUpdate, LockedJob
 from gateway.jobs.state import Status, transition
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
 from gateway.store.database import translate_errors
 from gateway.store.errors import Duplicate
-from gateway.store.jobs import Applied, JobUpdate, LockedJob
+from gateway.store.jobs import Applied
 from gateway.store.listen import listen as listen_channel
 from gateway.store.orphans import Attached
 from gateway.store.statuses import TERMINAL_LIST
@@ -240,7 +241,7 @@ class Claimed:
             payload=r["payload"],
             attempts=r["attempts"],
             backend_job_id=r["backend_job_id"],
-            job=LockedJob.from_record(r, id_column="job_id"),
+            job=store_jobs.locked_job(r, id_column="job_id"),
         )
 
 

@@ -19,17 +19,17 @@ from typing import Any
 import asyncpg
 
 from gateway.jobs.kinds import Kind
-from gateway.jobs.state import COMPLETABLE, Event, Status
+from gateway.jobs.matching import LockedOrphan, MatchState, match_obstacle
+from gateway.jobs.records import JobUpdate
+from gateway.jobs.state import Event, Status
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
 from gateway.store.database import json_text
-from gateway.store.jobs import JobUpdate
 from gateway.store.statuses import TERMINAL_LIST, UNCOMPLETABLE_LIST
 
 # pg_try_advisory_lock key: "sorami-r" as a 64-bit integer, held for a whole run
 RUN_LOCK_KEY = int.from_bytes(b"sorami-r", "big") & 0x7FFF_FFFF_FFFF_FFFF
 
-OPEN_STATES = ("unresolved", "unmatched")
 REVIEW_OUTCOMES = ("ambiguous", "no_candidate", "expired")
 
 # ---------------------------------------------------------------------------------------
@@ -566,7 +566,7 @@ async def apply_matches(
     holding: list[tuple[int, orphans.Pair]] = []
     for index, (m, row) in enumerate(zip(matches, states, strict=True)):
         job = jobs.get(m.job_id)
-        reason = _match_obstacle(m, job, MatchState.from_record(row))
+        reason = match_obstacle(m.rule, m.job_id, job, _match_state(row))
         if reason is not None or job is None:
             decisions.append(_Decision(m.plan_id, None, "recheck", "waiting",
                                        {"reason": reason, "planned_job_id": m.job_id}))
@@ -592,21 +592,11 @@ async def apply_matches(
     return [r for r in results if r is not None]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class MatchState:
-    """An orphan and a job as they are now, read under both locks."""
-
-    orphan_state: str
-    alias_job_id: str | None
-    job_has_other_alias: bool
-    job_had_webhook: bool
-
-    @classmethod
-    def from_record(cls, r: asyncpg.Record) -> MatchState | None:
-        if r["state"] is None:
-            return None
-        return cls(r["state"], r["alias_job_id"], r["job_has_other_alias"],
-                   r["job_had_webhook"])
+def _match_state(r: asyncpg.Record) -> MatchState | None:
+    if r["state"] is None:
+        return None
+    return MatchState(r["state"], r["alias_job_id"], r["job_has_other_alias"],
+                      r["job_had_webhook"])
 
 
 async def match_state(
@@ -614,34 +604,7 @@ async def match_state(
 ) -> MatchState | None:
     """None when there is no such orphan."""
     (row,) = await conn.fetch(MATCH_STATES, [kind.value], [backend_job_id], [job_id])
-    return MatchState.from_record(row)
-
-
-def _match_obstacle(
-    m: PlannedMatch, job: store_jobs.LockedJob | None, state: MatchState | None
-) -> str | None:
-    """Why the planned match no longer holds, or None when it does."""
-    if job is None:
-        return "the job no longer exists"
-    if state is None:
-        return "the orphan no longer exists"
-    if m.rule == "alias":
-        if state.orphan_state not in OPEN_STATES:
-            return f"the orphan is {state.orphan_state} already"
-        if state.alias_job_id != m.job_id:
-            return "the backend id is an alias of another job now"
-        return None
-    if state.orphan_state != "unresolved":
-        return f"the orphan is {state.orphan_state} already"
-    if state.alias_job_id is not None:
-        return "the backend id got an alias meanwhile"
-    if state.job_has_other_alias:
-        return "the job got another backend id meanwhile"
-    if state.job_had_webhook or job.first_webhook_at is not None:
-        return "the job heard from the backend under its own id meanwhile"
-    if job.state.status not in COMPLETABLE:
-        return f"the job is {job.state.status.value} meanwhile"
-    return None
+    return _match_state(row)
 
 
 def _failure(plan_id: int, error: str) -> _Decision:
@@ -843,7 +806,7 @@ async def time_out(
     await commit_without_flush(conn)
     rows = await conn.fetch(LOCK_STALE_JOBS, job_ids, cutoff)
     replayed = await store_jobs.apply_many(
-        conn, [(store_jobs.LockedJob.from_record(row), (update,)) for row in rows]
+        conn, [(store_jobs.locked_job(row), (update,)) for row in rows]
     )
     return sum(r.applied[0].transition.applied for r in replayed)
 
@@ -1072,13 +1035,13 @@ async def orphan_kinds(conn: asyncpg.Connection, backend_job_id: str) -> list[Ki
 
 async def lock_orphan(
     conn: asyncpg.Connection, kind: Kind, backend_job_id: str
-) -> asyncpg.Record | None:
+) -> LockedOrphan | None:
     """The orphan's row, locked, after the backend id's lock (the order attach uses)."""
     await orphans.lock_backend_id(conn, kind, backend_job_id)
-    row: asyncpg.Record | None = await conn.fetchrow(
-        ORPHAN_FOR_UPDATE, kind.value, backend_job_id
-    )
-    return row
+    row = await conn.fetchrow(ORPHAN_FOR_UPDATE, kind.value, backend_job_id)
+    if row is None:
+        return None
+    return LockedOrphan(kind, backend_job_id, row["state"], row["job_id"], row["user_id"])
 
 
 async def dismiss(conn: asyncpg.Connection, kind: Kind, backend_job_id: str) -> None:

@@ -35,12 +35,13 @@ import msgspec
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import WebhookPayload
 from gateway.jobs.prompts import normalize
+from gateway.jobs.records import LockedJob
 from gateway.jobs.state import JobState, Plan, Status
 from gateway.jobs.state import plan as state_plan
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
 from gateway.store.errors import StoreError
-from gateway.store.jobs import Applied, LockedJob
+from gateway.store.jobs import Applied
 
 
 class Outcome(enum.StrEnum):
@@ -163,7 +164,7 @@ async def ingest(conn: asyncpg.Connection, delivery: Delivery) -> Ingested:
     statement, args, plan = ingest_statement(delivery)
     row = await conn.fetchrow(statement, *args)
     if row is not None:
-        job = LockedJob.from_record(row)
+        job = store_jobs.locked_job(row)
         if row["seen"] or (row["locked"] and not row["claimed"]):
             return Ingested(Outcome.DUPLICATE, job)
         if row["locked"]:
