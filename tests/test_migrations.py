@@ -13,12 +13,14 @@ import asyncpg
 import pytest
 
 from gateway.store.migrations import MIGRATION_LOCK_KEY, load_migrations, migrate
+from gateway.store.statements import Statement
 
 SQL_PREFIXES = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
 
 
 def sql_constants() -> list[tuple[str, str]]:
-    """Every module-level SQL constant (UPPER_CASE str) in the gateway and the reconciler."""
+    """Every module-level statement in the gateway and the reconciler: UPPER_CASE str
+    constants that start as SQL does, and composed Statements."""
     import gateway
     import reconcile
 
@@ -29,7 +31,9 @@ def sql_constants() -> list[tuple[str, str]]:
                 continue
             module = importlib.import_module(info.name)
             for name, value in vars(module).items():
-                if (
+                if isinstance(value, Statement) and getattr(module, "__name__", "") == info.name:
+                    found.append((f"{info.name}.{name}", value.sql))
+                elif (
                     name.isupper()
                     and isinstance(value, str)
                     and value.lstrip().upper().startswith(SQL_PREFIXES)

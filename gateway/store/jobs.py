@@ -23,6 +23,7 @@ from gateway.jobs.records import FileRecord, JobUpdate, LockedJob
 from gateway.jobs.state import JobState, Status, Transition, transition
 from gateway.store.database import json_text
 from gateway.store.errors import StoreError
+from gateway.store.statements import Statement
 
 NOTIFY_CHANNEL = "sorami_job_events"
 # The wake-up of live listeners for a changed job (see gateway.store.events). PostgreSQL
@@ -141,68 +142,89 @@ ON CONFLICT ON CONSTRAINT notifications_once DO NOTHING
 RETURNING id, job_id, type
 """
 
-# The job's new state and its event row: the common table expressions of both statements
-# below, which add the NOTIFY (and, when the job finishes, its files and notification).
-# `guard` narrows the UPDATE (see `guarded`); `target` is the job's id and `progress` the new
-# progress, `$1` and `$3` unless the statement decides them itself. A fragment, not a
-# statement: lower case keeps it out of the statements checked against the schema.
-def _apply_ctes(guard: str = "", target: str = "$1", progress: str = "$3") -> str:
+# The parameters of APPLY, named in the parts below: the job, its new state and what the
+# event carries.
+APPLY_PARAMS = (
+    "job_id", "status", "progress", "message", "error_message", "model_name",
+    "generation_time_seconds", "from_webhook", "finished", "source",
+)
+# APPLY_FINISHED's after APPLY's: the files, one array per column (empty for none), and the
+# owner's notification (none when note_type is NULL).
+FINISHED_PARAMS = (
+    "file_positions", "file_urls", "file_storage_keys", "file_filenames", "file_formats",
+    "file_size_bytes", "file_widths", "file_heights", "file_durations", "file_descriptions",
+    "note_type", "note_title", "note_message", "note_metadata",
+)
+
+
+def _apply_ctes(guard: str = "", target: str = "$job_id", progress: str = "$progress") -> str:
+    """The job's new state and its event row: the common table expressions of APPLY and of
+    the statements `guarded` makes. `guard` narrows the UPDATE; `target` names the job and
+    `progress` is the new progress, unless the statement decides them itself."""
     return f"""
 updated AS (
     UPDATE jobs SET
-        status = $2,
+        status = $status,
         progress = {progress},
-        message = COALESCE($4, message),
-        error_message = COALESCE($5, error_message),
-        model_name = COALESCE($6, model_name),
-        generation_time_seconds = COALESCE($7, generation_time_seconds),
-        first_webhook_at = CASE WHEN $8 THEN COALESCE(first_webhook_at, now())
+        message = COALESCE($message, message),
+        error_message = COALESCE($error_message, error_message),
+        model_name = COALESCE($model_name, model_name),
+        generation_time_seconds = COALESCE($generation_time_seconds, generation_time_seconds),
+        first_webhook_at = CASE WHEN $from_webhook THEN COALESCE(first_webhook_at, now())
                                 ELSE first_webhook_at END,
-        finished_at = CASE WHEN $9 THEN now() ELSE finished_at END,
+        finished_at = CASE WHEN $finished THEN now() ELSE finished_at END,
         seq = seq + 1,
         updated_at = now()
     WHERE id = {target}{guard}
     RETURNING id, seq, status, progress, message, user_id
 ), event AS (
     INSERT INTO job_events (job_id, seq, status, progress, message, source)
-    SELECT id, seq, status, progress, message, $10 FROM updated
+    SELECT id, seq, status, progress, message, $source FROM updated
 )"""
 
 
-# A terminal transition's files ($11-$20, one array per column, empty for none) and the
-# owner's notification ($21-$24; none when $21, its type, is NULL; the metadata gets the
-# job's id here), each made once by its constraint however often the event is delivered.
-_finished_ctes = """, files AS (
+# A terminal transition's files and the owner's notification (the metadata gets the job's
+# id here), each made once by its constraint however often the event is delivered.
+_FINISHED_CTES = """, files AS (
     INSERT INTO job_files (job_id, position, url, storage_key, filename, format, size_bytes,
                            width, height, duration_seconds, description)
     SELECT updated.id, f.*
-    FROM updated, unnest($11::smallint[], $12::text[], $13::text[], $14::text[], $15::text[],
-                         $16::bigint[], $17::int[], $18::int[], $19::float8[],
-                         $20::text[]) AS f
+    FROM updated, unnest($file_positions::smallint[], $file_urls::text[],
+                         $file_storage_keys::text[], $file_filenames::text[],
+                         $file_formats::text[], $file_size_bytes::bigint[],
+                         $file_widths::int[], $file_heights::int[], $file_durations::float8[],
+                         $file_descriptions::text[]) AS f
     ON CONFLICT (job_id, position) DO NOTHING
 ), notification AS (
     INSERT INTO notifications (user_id, job_id, type, title, message, metadata)
-    SELECT updated.user_id, updated.id, $21::text, $22, $23,
-           $24::jsonb || jsonb_build_object('job_id', updated.id)
-    FROM updated WHERE $21::text IS NOT NULL
+    SELECT updated.user_id, updated.id, $note_type::text, $note_title, $note_message,
+           $note_metadata::jsonb || jsonb_build_object('job_id', updated.id)
+    FROM updated WHERE $note_type::text IS NOT NULL
     ON CONFLICT ON CONSTRAINT notifications_once DO NOTHING
     RETURNING id
 )"""
 
 
-APPLY = "WITH " + _apply_ctes() + f"""
+APPLY = Statement.compose(
+    "APPLY",
+    "One applied event of a job locked by the caller: its new state, its event row, the\n"
+    "NOTIFY. Returns the job's new seq.",
+    "WITH" + _apply_ctes() + f"""
 SELECT seq, {NOTIFY_CALL} FROM updated
-"""
+""",
+    APPLY_PARAMS,
+)
 
-# A terminal transition in the same single statement, with its files and notification.
-APPLY_FINISHED = "WITH " + _apply_ctes() + _finished_ctes + f"""
+APPLY_FINISHED = Statement.compose(
+    "APPLY_FINISHED",
+    "APPLY of a terminal event, with the job's files and its owner's notification, in the\n"
+    "same single statement. Returns the new seq and the notification's id.",
+    "WITH" + _apply_ctes() + _FINISHED_CTES + f"""
 SELECT seq, {NOTIFY_CALL}, (SELECT id FROM notification) AS notification_id
 FROM updated
-"""
-
-# The number of parameters of APPLY and APPLY_FINISHED (`guarded` numbers its own after).
-APPLY_PARAMETERS = 10
-APPLY_FINISHED_PARAMETERS = 24
+""",
+    APPLY_PARAMS + FINISHED_PARAMS,
+)
 
 
 def guarded(
@@ -211,19 +233,19 @@ def guarded(
     guard: str,
     columns: str = "",
     *,
-    target: str = "$1",
-    progress: str = "$3",
+    target: str = "$job_id",
+    progress: str = "$progress",
     source: str = "",
 ) -> str:
-    """APPLY (or APPLY_FINISHED) after the caller's common table expressions `ctes`, writing
-    only when `guard` (a condition on them) holds. One row (one per row of `source`, a FROM
-    clause, when given): the caller's `columns`, then `seq` and `notification_id`, NULL when
-    nothing was written. The caller's parameters are numbered after APPLY's own; `target`
-    and `progress` are as in `_apply_ctes`."""
+    """APPLY's text (or APPLY_FINISHED's) after the caller's common table expressions `ctes`,
+    writing only when `guard` (a condition on them) holds, for `Statement.compose`. One row
+    (one per row of `source`, a FROM clause, when given): the caller's `columns`, then `seq`
+    and `notification_id`, NULL when nothing was written. `target` and `progress` are as in
+    `_apply_ctes`."""
     notification = "(SELECT id FROM notification)" if finished else "NULL::bigint"
     return (
-        "WITH " + ctes + "," + _apply_ctes(f" AND {guard}", target, progress)
-        + (_finished_ctes if finished else "")
+        "WITH" + ctes + "," + _apply_ctes(f" AND {guard}", target, progress)
+        + (_FINISHED_CTES if finished else "")
         + f"""
 SELECT {columns}(SELECT seq FROM updated) AS seq,
        (SELECT {NOTIFY_CALL} FROM updated) AS notified,
@@ -232,39 +254,41 @@ SELECT {columns}(SELECT seq FROM updated) AS seq,
     )
 
 
-def apply_arguments(job: LockedJob, update: JobUpdate, step: Transition) -> tuple[Any, ...]:
+def apply_values(job: LockedJob, update: JobUpdate, step: Transition) -> dict[str, Any]:
     """The parameters of APPLY, or of APPLY_FINISHED when `step` finishes the job, for an
-    applied step."""
-    return update_arguments(job.id, job.kind, update, step.state, step.finished)
+    applied step, by name."""
+    return update_values(job.id, job.kind, update, step.state, step.finished)
 
 
-def update_arguments(
-    target: str, kind: Kind, update: JobUpdate, new: JobState, finished: bool
-) -> tuple[Any, ...]:
-    """APPLY's parameters (APPLY_FINISHED's when `finished`) that take a job of `kind` to
-    `new`; `target` is the first (the job's id, or what names it)."""
-    args: tuple[Any, ...] = (
-        target,
-        new.status.value,
-        new.progress,
-        update.message,
-        update.error_message if new.status is Status.FAILED else None,
-        update.model_name,
-        update.generation_time_seconds,
-        update.from_webhook,
-        finished,
-        update.source,
-    )
+def update_values(
+    job_id: str, kind: Kind, update: JobUpdate, new: JobState, finished: bool
+) -> dict[str, Any]:
+    """APPLY's parameters (APPLY_FINISHED's when `finished`) that take the job `job_id` of
+    `kind` to `new`, by name."""
+    values: dict[str, Any] = {
+        "job_id": job_id,
+        "status": new.status.value,
+        "progress": new.progress,
+        "message": update.message,
+        "error_message": update.error_message if new.status is Status.FAILED else None,
+        "model_name": update.model_name,
+        "generation_time_seconds": update.generation_time_seconds,
+        "from_webhook": update.from_webhook,
+        "finished": finished,
+        "source": update.source,
+    }
     if not finished:
-        return args
+        return values
     files = update.files if new.status is Status.COMPLETED else ()
+    values.update(zip(FINISHED_PARAMS[:10], _file_columns(files), strict=True))
     note = owner_notification(kind, new.status, update)
-    return (
-        *args,
-        *_file_columns(files),
-        *((note.type, note.title, note.message, note.metadata) if note is not None
-          else (None, None, None, None)),
+    values.update(
+        note_type=note.type if note else None,
+        note_title=note.title if note else None,
+        note_message=note.message if note else None,
+        note_metadata=note.metadata if note else None,
     )
+    return values
 
 
 async def lock(conn: asyncpg.Connection, job_id: str) -> LockedJob | None:
@@ -300,11 +324,11 @@ async def apply(conn: asyncpg.Connection, job: LockedJob, update: JobUpdate) -> 
     step = transition(job.state, update.event)
     if not step.applied:
         return Applied(step, job.seq)
-    args = apply_arguments(job, update, step)
+    values = apply_values(job, update, step)
     if not step.finished:
-        seq = await conn.fetchval(APPLY, *args)
+        seq = await conn.fetchval(APPLY.sql, *APPLY.args(values))
         return Applied(step, seq)
-    row = await conn.fetchrow(APPLY_FINISHED, *args)
+    row = await conn.fetchrow(APPLY_FINISHED.sql, *APPLY_FINISHED.args(values))
     assert row is not None, "the locked job disappeared"
     return Applied(step, row["seq"], row["notification_id"])
 

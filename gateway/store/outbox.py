@@ -30,6 +30,7 @@ from gateway.store.errors import Duplicate
 from gateway.store.jobs import Applied
 from gateway.store.listen import listen as listen_channel
 from gateway.store.orphans import Attached
+from gateway.store.statements import Statement
 from gateway.store.statuses import TERMINAL_LIST
 
 log = structlog.get_logger(__name__)
@@ -145,27 +146,34 @@ WHERE id = $1 AND delivered_at IS NULL AND failed_at IS NULL
 RETURNING id
 """
 
-# An accepted generate, recorded in one statement when the job is still at the `seq` its claim
+# An accepted generate, recorded in one statement when the job is still at the seq its claim
 # read: the job's row locked (first, as everywhere), the row settled, and the job's event
-# (QUEUED) applied only when this settled it. APPLY's parameters, then the seq and the row.
-DELIVERED_AND_APPLY = store_jobs.guarded(
-    False,
-    f"""
+# (QUEUED) applied only when this settled it.
+DELIVERED_AND_APPLY = Statement.compose(
+    "DELIVERED_AND_APPLY",
+    "An accepted generate: lock the job when it is still at the seq its claim read\n"
+    "(claimed_seq), settle the outbox row, and apply the job's event (APPLY) only when this\n"
+    "settled it. Returns whether the job was locked and the row settled, and the new seq.",
+    store_jobs.guarded(
+        False,
+        f"""
 {_ASYNC_COMMIT}, job AS (
     SELECT id FROM jobs, async_commit
-    WHERE id = $1 AND seq = ${store_jobs.APPLY_PARAMETERS + 1}
+    WHERE id = $job_id AND seq = $claimed_seq
     FOR UPDATE OF jobs
 ), settled AS (
     UPDATE outbox
     {_SET_DELIVERED}
-    WHERE id = ${store_jobs.APPLY_PARAMETERS + 2} AND delivered_at IS NULL
+    WHERE id = $outbox_id AND delivered_at IS NULL
       AND failed_at IS NULL AND EXISTS (SELECT 1 FROM job)
     RETURNING id
 ), flags AS (
     SELECT EXISTS (SELECT 1 FROM job) AS locked, EXISTS (SELECT 1 FROM settled) AS settled
 )""",
-    guard="(SELECT settled FROM flags)",
-    columns="(SELECT locked FROM flags) AS locked, (SELECT settled FROM flags) AS settled, ",
+        guard="(SELECT settled FROM flags)",
+        columns="(SELECT locked FROM flags) AS locked, (SELECT settled FROM flags) AS settled, ",
+    ),
+    (*store_jobs.APPLY_PARAMS, "claimed_seq", "outbox_id"),
 )
 
 # Only the current claim may fail or reschedule its row.
@@ -274,8 +282,9 @@ async def delivered_and_apply(
     step = transition(row.job.state, update.event)
     if not step.applied or step.finished:
         return None
-    args = store_jobs.apply_arguments(row.job, update, step)
-    done = await conn.fetchrow(DELIVERED_AND_APPLY, *args, row.job.seq, row.id)
+    values = store_jobs.apply_values(row.job, update, step)
+    values.update(claimed_seq=row.job.seq, outbox_id=row.id)
+    done = await conn.fetchrow(DELIVERED_AND_APPLY.sql, *DELIVERED_AND_APPLY.args(values))
     assert done is not None
     if not done["locked"]:
         return None

@@ -42,6 +42,7 @@ from gateway.store import jobs as store_jobs
 from gateway.store import orphans
 from gateway.store.errors import StoreError
 from gateway.store.jobs import Applied
+from gateway.store.statements import Statement
 
 
 class Outcome(enum.StrEnum):
@@ -84,31 +85,25 @@ UPDATE webhook_deliveries SET outcome = 'stale' WHERE dedupe_key = $1
 """
 
 
-def _ingest(finished: bool) -> str:
-    """`jobs.apply`'s statement for the job `$1` names (our id, else an alias), behind the
-    decision of the event's plan on the job's row as locked and the delivery's claim. APPLY's
-    parameters with the plan's progress as `$3`, then the plan's statuses, the key, the
-    kind and the event's status word. One row when the job exists: the job as locked (as
-    read, when the key was taken already and nothing was locked), then what happened."""
-    first = (store_jobs.APPLY_FINISHED_PARAMETERS if finished
-             else store_jobs.APPLY_PARAMETERS) + 1
-    always, if_advances, key, kind, status = (f"${n}" for n in range(first, first + 5))
+def _ingest(finished: bool) -> Statement:
+    """`jobs.apply`'s statement for the job a webhook's id names, behind the decision of the
+    event's plan on the job's row as locked and the delivery's claim."""
     ctes = f"""
-found AS ({store_jobs.by_backend_id("$1", kind)}), seen AS (
-    SELECT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.dedupe_key = {key}) AS dup
+found AS ({store_jobs.by_backend_id("$backend_job_id", "$kind")}), seen AS (
+    SELECT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.dedupe_key = $dedupe_key) AS dup
 ), job AS (
     SELECT {store_jobs.JOB_COLUMNS} FROM jobs j
     WHERE j.id = (SELECT id FROM found) AND NOT (SELECT dup FROM seen)
     FOR UPDATE
 ), step AS (
-    SELECT job.id, job.status::text = ANY({always}::text[])
-                   OR (job.status::text = ANY({if_advances}::text[]) AND job.progress < $3)
+    SELECT job.id, job.status::text = ANY($always::text[])
+                   OR (job.status::text = ANY($if_advances::text[]) AND job.progress < $progress)
                    AS applies
     FROM job
 ), claim AS (
     INSERT INTO webhook_deliveries (dedupe_key, kind, backend_job_id, job_id, event_status,
                                     outcome)
-    SELECT {key}, {kind}, $1, step.id, {status},
+    SELECT $dedupe_key, $kind, $backend_job_id, step.id, $event_status,
            CASE WHEN step.applies THEN 'applied' ELSE 'stale' END
     FROM step
     ON CONFLICT (dedupe_key) DO NOTHING
@@ -117,16 +112,35 @@ found AS ({store_jobs.by_backend_id("$1", kind)}), seen AS (
     SELECT EXISTS (SELECT 1 FROM job) AS locked, EXISTS (SELECT 1 FROM claim) AS claimed,
            COALESCE((SELECT applies FROM step), false) AS applies
 )"""
-    return store_jobs.guarded(
+    text = store_jobs.guarded(
         finished,
         ctes,
         guard="(SELECT claimed AND applies FROM flags)",
         columns="j.*, (SELECT dup FROM seen) AS seen, (SELECT locked FROM flags) AS locked, "
                 "(SELECT claimed FROM flags) AS claimed, (SELECT applies FROM flags) AS applies, ",
         target="(SELECT id FROM step)",
-        progress="GREATEST($3, progress)",
+        progress="GREATEST($progress, progress)",
         source="FROM (SELECT * FROM job UNION ALL SELECT * FROM found"
                " WHERE NOT EXISTS (SELECT 1 FROM job)) AS j",
+    )
+    # the webhook's id first, where APPLY has the job's (bench/ingest binds it by position)
+    params = ("backend_job_id", *store_jobs.APPLY_PARAMS[1:],
+              *(store_jobs.FINISHED_PARAMS if finished else ()),
+              "always", "if_advances", "dedupe_key", "kind", "event_status")
+    if finished:
+        return Statement.compose(
+            "INGEST_FINISHED",
+            "INGEST of a terminal event: APPLY_FINISHED's files and notification too.",
+            text, params,
+        )
+    return Statement.compose(
+        "INGEST",
+        "A webhook for a job we know, in one statement: find the job by our id or an alias,\n"
+        "lock it unless the delivery's key is taken, decide with the event's plan (always /\n"
+        "if_advances) on the row as locked, claim the key as applied or stale, and apply the\n"
+        "event only when the claim succeeded and the plan applies. One row when the job\n"
+        "exists: the job (as locked, else as read), the flags, the new seq.",
+        text, params,
     )
 
 
@@ -145,17 +159,19 @@ def ingest_statement(delivery: Delivery) -> tuple[str, tuple[Any, ...], Plan]:
     kind, payload = delivery.kind, delivery.payload
     update = payload.to_update(kind)
     plan = state_plan(update.event)
-    args = (
-        *store_jobs.update_arguments(
-            payload.job_id, kind, update, JobState(plan.status, plan.progress), plan.finishes
-        ),
-        _names(plan.always),
-        _names(plan.if_advances),
-        delivery.dedupe_key,
-        kind.value,
-        event_status(payload),
+    values = store_jobs.update_values(
+        payload.job_id, kind, update, JobState(plan.status, plan.progress), plan.finishes
     )
-    return (INGEST_FINISHED if plan.finishes else INGEST), args, plan
+    values.update(
+        backend_job_id=payload.job_id,
+        always=_names(plan.always),
+        if_advances=_names(plan.if_advances),
+        dedupe_key=delivery.dedupe_key,
+        kind=kind.value,
+        event_status=event_status(payload),
+    )
+    statement = INGEST_FINISHED if plan.finishes else INGEST
+    return statement.sql, statement.args(values), plan
 
 
 async def ingest(conn: asyncpg.Connection, delivery: Delivery) -> Ingested:
