@@ -42,7 +42,7 @@ from gateway.api.jobs import PENDING_MESSAGE, _params
 from gateway.api.schemas import REQUEST_TYPES, decode_body
 from gateway.jobs.kinds import Kind
 from gateway.jobs.prompts import normalize
-from gateway.store import jobs as store_jobs
+from gateway.store import owned_jobs
 
 CONNECTIONS = 32
 USERS = 100
@@ -77,7 +77,7 @@ def build_stream(count: int, port: int, secret: str) -> list[bytes]:
 def pgbench_script() -> str:
     return "\n".join([
         r"\set id :idbase + :client_id * 100000000 + :n",
-        pgbench.bind(store_jobs.CREATE_AND_ENQUEUE, {
+        pgbench.bind(owned_jobs.CREATE_AND_ENQUEUE, {
             1: ":id", 2: ":kind", 3: ":user", 4: "NULL", 5: ":prompt", 6: ":prompt_norm",
             7: ":params", 8: ":message", 9: "NULL", 10: "NULL", 11: ":action", 12: ":payload",
         }),

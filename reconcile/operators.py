@@ -16,8 +16,9 @@ from gateway.jobs.kinds import Kind
 from gateway.jobs.matching import OPEN_STATES, ORPHAN_STATES, assign_obstacle, dismiss_obstacle
 from gateway.store import jobs as store_jobs
 from gateway.store import orphans
-from gateway.store import reconcile as store
 from gateway.store.database import Database, translate_errors
+from gateway.store.reconcile import apply as store_matches
+from gateway.store.reconcile import operators as orphan_admin
 
 if TYPE_CHECKING:
     import asyncpg
@@ -59,7 +60,7 @@ def states_for(status: str) -> tuple[str, ...]:
 async def list_orphans(db: Database, status: str) -> AsyncIterator[dict[str, Any]]:
     """Orphans with `status` and their latest decision, oldest first, streamed."""
     async with db.transaction() as conn:
-        async for row in store.list_orphans(conn, states_for(status)):
+        async for row in orphan_admin.list_orphans(conn, states_for(status)):
             yield dict(row.items())
 
 
@@ -77,9 +78,9 @@ async def assign(
         with translate_errors():
             kind = kind or await _infer_kind(conn, backend_job_id)
             job = await store_jobs.lock(conn, job_id)
-            orphan = (await store.lock_orphan(conn, kind, backend_job_id)
+            orphan = (await orphan_admin.lock_orphan(conn, kind, backend_job_id)
                       if job is not None and job.kind is kind else None)
-            state = await store.match_state(conn, kind, backend_job_id, job_id)
+            state = await store_matches.match_state(conn, kind, backend_job_id, job_id)
             obstacle = assign_obstacle(kind, backend_job_id, job_id, job, orphan, state,
                                        allow_other_user=allow_other_user)
             if obstacle is not None:
@@ -88,7 +89,7 @@ async def assign(
             assert orphan is not None
             attached = await orphans.attach(conn, kind, backend_job_id, job, source="operator")
             status = attached.job.state.status.value
-            decision_id = await store.record_decision(
+            decision_id = await orphan_admin.record_decision(
                 conn,
                 kind=kind,
                 backend_job_id=backend_job_id,
@@ -116,13 +117,13 @@ async def dismiss(
     async with db.transaction() as conn:
         with translate_errors():
             kind = kind or await _infer_kind(conn, backend_job_id)
-            orphan = await store.lock_orphan(conn, kind, backend_job_id)
+            orphan = await orphan_admin.lock_orphan(conn, kind, backend_job_id)
             obstacle = dismiss_obstacle(kind, backend_job_id, orphan)
             if obstacle is not None:
                 raise OperatorError(obstacle)
             assert orphan is not None
-            await store.dismiss(conn, kind, backend_job_id)
-            decision_id = await store.record_decision(
+            await orphan_admin.dismiss(conn, kind, backend_job_id)
+            decision_id = await orphan_admin.record_decision(
                 conn,
                 kind=kind,
                 backend_job_id=backend_job_id,
@@ -137,7 +138,7 @@ async def dismiss(
 
 
 async def _infer_kind(conn: asyncpg.Connection, backend_job_id: str) -> Kind:
-    kinds = await store.orphan_kinds(conn, backend_job_id)
+    kinds = await orphan_admin.orphan_kinds(conn, backend_job_id)
     if not kinds:
         raise OperatorError(f"no orphan has backend job id {backend_job_id!r}")
     if len(kinds) > 1:

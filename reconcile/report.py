@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from gateway.store.reconcile import ReviewItem
+from gateway.store.reconcile.review import ReviewItem
 from reconcile.runner import OUTCOMES, RunResult
 
 _encode = msgspec.json.Encoder(order="deterministic").encode

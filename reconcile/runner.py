@@ -23,10 +23,14 @@ import structlog
 
 from gateway.jobs.kinds import Kind
 from gateway.settings import Settings
-from gateway.store import reconcile as store
+from gateway.store import retention, stale_jobs
 from gateway.store.database import Database, translate_errors
 from gateway.store.errors import StoreUnavailable
-from gateway.store.reconcile import ReviewItem
+from gateway.store.reconcile import apply as store_matches
+from gateway.store.reconcile import plan as store_plan
+from gateway.store.reconcile import review as store_review
+from gateway.store.reconcile import runs
+from gateway.store.reconcile.review import ReviewItem
 
 if TYPE_CHECKING:
     import asyncpg
@@ -103,13 +107,13 @@ async def run_once(db: Database, options: RunOptions) -> RunResult | None:
     """One pass; None when another pass holds the lock (nothing was done)."""
     async with db.connection() as conn:
         with translate_errors():
-            if not await store.try_run_lock(conn):
+            if not await runs.try_run_lock(conn):
                 log.info("reconcile_run_skipped", reason="another run is in progress")
                 return None
             try:
                 return await _Pass(db, conn, options).run()
             finally:
-                await store.release_run_lock(conn)
+                await runs.release_run_lock(conn)
 
 
 class _Pass:
@@ -122,17 +126,18 @@ class _Pass:
 
     async def run(self) -> RunResult:
         o = self.options
-        run = await store.start_run(self.conn, dry_run=o.dry_run)
+        run = await runs.start_run(self.conn, dry_run=o.dry_run)
         log.info("reconcile_run_started", run_id=run.id, dry_run=o.dry_run)
         try:
             counts = await self._steps(run)
-            needs_review, review = await store.review(self.conn, run.id, limit=o.review_limit)
+            needs_review, review = await store_review.review(self.conn, run.id,
+                                                             limit=o.review_limit)
             counts["needs_review"] = needs_review
             state = "failed" if self.error_count else "succeeded"
             error = f"{self.error_count} error(s); first: {self.errors[0]}" if self.errors else None
-            finished_at = await store.finish_run(self.conn, run.id, state=state, counts=counts,
+            finished_at = await runs.finish_run(self.conn, run.id, state=state, counts=counts,
                                                  error=error)
-            status = await store.status(self.conn)
+            status = await store_review.status(self.conn)
         except BaseException as exc:
             await self._record_failure(run.id, exc)
             raise
@@ -147,9 +152,9 @@ class _Pass:
             last_success_at=status.last_success_at, open_orphans=status.open_orphans,
         )
 
-    async def _steps(self, run: store.Run) -> dict[str, Any]:
+    async def _steps(self, run: runs.Run) -> dict[str, Any]:
         o = self.options
-        plan = store.PlanParameters(
+        plan = store_plan.PlanParameters(
             run_at=run.started_at,
             grace_seconds=o.grace_seconds,
             window_seconds=o.window_seconds,
@@ -157,14 +162,14 @@ class _Pass:
             skew_seconds=CLOCK_SKEW_SECONDS,
         )
         with _phase(run.id, "plan"):
-            await store.build_plan(self.conn, run.id, plan)
+            await store_plan.build_plan(self.conn, run.id, plan)
         apply_failed = 0
         if not o.dry_run:
             with _phase(run.id, "apply"):
                 apply_failed = await self._apply_matches(run.id)
             with _phase(run.id, "record"):
-                await store.record_unapplied(self.conn, run.id)
-        outcomes = await store.plan_counts(self.conn, run.id)
+                await store_matches.record_unapplied(self.conn, run.id)
+        outcomes = await store_plan.plan_counts(self.conn, run.id)
         counts: dict[str, Any] = {"looked_at": sum(outcomes.values())}
         counts.update({outcome: outcomes.get(outcome, 0) for outcome in OUTCOMES})
         counts["apply_failed"] = apply_failed
@@ -177,7 +182,7 @@ class _Pass:
     async def _apply_matches(self, run_id: int) -> int:
         failed = 0
 
-        def report(m: store.PlannedMatch, result: store.MatchResult) -> None:
+        def report(m: store_matches.PlannedMatch, result: store_matches.MatchResult) -> None:
             nonlocal failed
             if result.matched:
                 log.debug("reconcile_matched", run_id=run_id, kind=m.kind.value,
@@ -193,12 +198,12 @@ class _Pass:
                 log.info("reconcile_match_withdrawn", run_id=run_id, kind=m.kind.value,
                          backend_job_id=m.backend_job_id, job_id=m.job_id, reason=result.reason)
 
-        async def apply_one(conn: asyncpg.Connection, m: store.PlannedMatch) -> None:
+        async def apply_one(conn: asyncpg.Connection, m: store_matches.PlannedMatch) -> None:
             nonlocal failed
             try:
                 with translate_errors():
                     async with conn.transaction():
-                        result = await store.apply_match(conn, run_id, m)
+                        result = await store_matches.apply_match(conn, run_id, m)
             except StoreUnavailable:
                 raise
             except Exception as exc:
@@ -207,15 +212,15 @@ class _Pass:
                 log.exception("reconcile_apply_failed", run_id=run_id, kind=m.kind.value,
                               backend_job_id=m.backend_job_id, job_id=m.job_id)
                 async with conn.transaction():
-                    await store.record_failure(conn, run_id, m.plan_id, repr(exc))
+                    await store_matches.record_failure(conn, run_id, m.plan_id, repr(exc))
                 return
             report(m, result)
 
-        async def apply(conn: asyncpg.Connection, batch: list[store.PlannedMatch]) -> None:
+        async def apply(conn: asyncpg.Connection, batch: list[store_matches.PlannedMatch]) -> None:
             try:
                 with translate_errors():
                     async with conn.transaction():
-                        results = await store.apply_matches(conn, run_id, batch)
+                        results = await store_matches.apply_matches(conn, run_id, batch)
             except StoreUnavailable:
                 raise
             except Exception:
@@ -227,7 +232,7 @@ class _Pass:
             for m, result in zip(batch, results, strict=True):
                 report(m, result)
 
-        matches = store.planned_matches(self.conn, run_id, batch=self.options.batch_size)
+        matches = store_matches.planned_matches(self.conn, run_id, batch=self.options.batch_size)
         await self._each(_batched(matches, self.options.batch_size), apply)
         return failed
 
@@ -236,7 +241,7 @@ class _Pass:
         for kind in Kind:
             cutoff = run_at - dt.timedelta(seconds=self.options.timeout_seconds(kind))
             if self.options.dry_run:
-                timed_out[kind.value] = await store.count_stale_jobs(self.conn, kind, cutoff)
+                timed_out[kind.value] = await stale_jobs.count_stale_jobs(self.conn, kind, cutoff)
             else:
                 timed_out[kind.value] = await self._time_out_kind(kind, cutoff)
         return timed_out
@@ -266,8 +271,8 @@ class _Pass:
                         self._error(f"timing out job {job_id}: {exc!r}")
                         log.exception("reconcile_timeout_failed", job_id=job_id)
 
-        await self._each(store.stale_jobs(self.conn, kind, cutoff, batch=self.options.batch_size),
-                         batch)
+        stale = stale_jobs.stale_jobs(self.conn, kind, cutoff, batch=self.options.batch_size)
+        await self._each(stale, batch)
         return done
 
     @staticmethod
@@ -276,7 +281,7 @@ class _Pass:
     ) -> int:
         with translate_errors():
             async with conn.transaction():
-                done = await store.time_out(conn, job_ids, cutoff, message)
+                done = await stale_jobs.time_out(conn, job_ids, cutoff, message)
         log.debug("reconcile_jobs_timed_out", jobs=done)
         return done
 
@@ -311,10 +316,10 @@ class _Pass:
         cutoff = run_at - dt.timedelta(seconds=o.retention_seconds)
         audit_cutoff = run_at - dt.timedelta(seconds=o.audit_retention_seconds)
         if o.dry_run:
-            return (await store.count_prunable(self.conn, cutoff)
-                    | await store.count_prunable_audit(self.conn, audit_cutoff))
-        return (await store.prune(self.conn, cutoff, batch=o.prune_batch_size)
-                | await store.prune_audit(self.conn, audit_cutoff, batch=o.prune_batch_size))
+            return (await retention.count_prunable(self.conn, cutoff)
+                    | await retention.count_prunable_audit(self.conn, audit_cutoff))
+        return (await retention.prune(self.conn, cutoff, batch=o.prune_batch_size)
+                | await retention.prune_audit(self.conn, audit_cutoff, batch=o.prune_batch_size))
 
     def _error(self, message: str) -> None:
         self.error_count += 1
@@ -324,14 +329,14 @@ class _Pass:
     async def _record_failure(self, run_id: int, exc: BaseException) -> None:
         """Best effort: the run's row says it failed (its session may be gone too)."""
         try:
-            await store.finish_run(self.conn, run_id, state="failed", counts={},
+            await runs.finish_run(self.conn, run_id, state="failed", counts={},
                                    error=repr(exc)[:1000])
         except Exception:
             log.warning("reconcile_run_not_recorded", run_id=run_id)
 
     async def _clear_plan(self, run_id: int) -> None:
         try:
-            await store.clear_plan(self.conn, run_id)
+            await runs.clear_plan(self.conn, run_id)
         except Exception:
             log.warning("reconcile_plan_not_cleared", run_id=run_id)  # the next run clears it
 

@@ -19,8 +19,10 @@ from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import decode
 from gateway.jobs.prompts import fingerprint, normalize
 from gateway.jobs.state import Status
-from gateway.store import Database, orphans
-from gateway.store import reconcile as store
+from gateway.store import Database, orphans, retention, stale_jobs
+from gateway.store.reconcile import apply as store_matches
+from gateway.store.reconcile import plan as store_plan
+from gateway.store.reconcile import runs
 from reconcile import operators
 from reconcile.runner import RunOptions, RunResult, run_once
 from tests.factories import insert_job
@@ -788,17 +790,17 @@ async def test_a_planned_match_is_withdrawn_when_the_job_heard_from_the_backend_
     job_id = await insert_job(db, user_id="user_a", prompt="a cat", created_ago_seconds=60)
     backend_id = await record_orphan(db, payload("bk-1", user_id="user_a", prompt="a cat"))
     async with db.connection() as conn:
-        run = await store.start_run(conn, dry_run=False)
-        await store.build_plan(conn, run.id, store.PlanParameters(
+        run = await runs.start_run(conn, dry_run=False)
+        await store_plan.build_plan(conn, run.id, store_plan.PlanParameters(
             run_at=run.started_at, grace_seconds=0, window_seconds=3600,
             expire_after_seconds=86400, skew_seconds=5))
-        (planned,) = [m async for m in store.planned_matches(conn, run.id)]
+        (planned,) = [m async for m in store_matches.planned_matches(conn, run.id)]
     assert planned.job_id == job_id
     # the backend reports under our own id after the plan was made
     await db.execute("UPDATE jobs SET first_webhook_at = now() WHERE id = $1", job_id)
 
     async with db.transaction() as conn:
-        outcome = await store.apply_match(conn, run.id, planned)
+        outcome = await store_matches.apply_match(conn, run.id, planned)
 
     assert not outcome.matched
     assert outcome.reason == "the job heard from the backend under its own id meanwhile"
@@ -813,9 +815,9 @@ async def test_a_second_run_while_one_holds_the_lock_does_nothing(
     await insert_job(db, user_id="user_a", prompt="a cat", created_ago_seconds=60)
     backend_id = await record_orphan(db, payload("bk-1", user_id="user_a", prompt="a cat"))
     async with db.connection() as holder:
-        assert await store.try_run_lock(holder)
+        assert await runs.try_run_lock(holder)
         second = await run_once(db, RunOptions(grace_seconds=0, concurrency=1))
-        await store.release_run_lock(holder)
+        await runs.release_run_lock(holder)
 
     assert second is None
     assert (await orphan_row(db, backend_id))["state"] == "unresolved"
@@ -895,11 +897,11 @@ async def test_a_batch_commits_asynchronously_and_its_connection_waits_for_flush
     cutoff = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
     async with db.connection() as conn:
         async with conn.transaction():
-            assert await store.time_out(conn, [job_id], cutoff, "late") == 1
+            assert await stale_jobs.time_out(conn, [job_id], cutoff, "late") == 1
             assert await conn.fetchval("SHOW synchronous_commit") == "off"
         assert await conn.fetchval("SHOW synchronous_commit") == "on"
         async with conn.transaction():
-            await store.apply_matches(conn, 0, [])
+            await store_matches.apply_matches(conn, 0, [])
             assert await conn.fetchval("SHOW synchronous_commit") == "off"
         assert await conn.fetchval("SHOW synchronous_commit") == "on"
 
@@ -937,9 +939,9 @@ async def test_old_dedupe_records_and_delivered_outbox_rows_are_pruned_in_batche
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=7)
 
     async with db.connection() as conn:
-        assert await store.count_prunable(conn, cutoff) == {"webhook_deliveries": 3,
+        assert await retention.count_prunable(conn, cutoff) == {"webhook_deliveries": 3,
                                                             "outbox": 1}
-        pruned = await store.prune(conn, cutoff, batch=2)
+        pruned = await retention.prune(conn, cutoff, batch=2)
 
     assert pruned == {"webhook_deliveries": 3, "outbox": 1}
     kept = await db.fetch("SELECT dedupe_key FROM webhook_deliveries ORDER BY dedupe_key")

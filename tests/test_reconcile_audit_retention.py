@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.settings import Settings, SettingsError
-from gateway.store import Database
-from gateway.store import reconcile as store
+from gateway.store import Database, retention
 from reconcile import operators
 from reconcile.runner import RunOptions
 from tests.factories import insert_job
@@ -146,8 +145,8 @@ async def test_the_latest_decision_of_an_open_orphan_stays_whatever_its_age(
     cutoff = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
 
     async with db.connection() as conn:
-        counted = await store.count_prunable_audit(conn, cutoff)
-        pruned = await store.prune_audit(conn, cutoff)
+        counted = await retention.count_prunable_audit(conn, cutoff)
+        pruned = await retention.prune_audit(conn, cutoff)
 
     assert pruned == counted
     assert await outcomes(db, "bk-a") == ["matched"]
@@ -211,8 +210,8 @@ async def test_audit_rows_are_pruned_in_batches_that_continue_past_kept_rows(
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
 
     async with db.connection() as conn:
-        counted = await store.count_prunable_audit(conn, cutoff)
-        pruned = await store.prune_audit(conn, cutoff, batch=2)
+        counted = await retention.count_prunable_audit(conn, cutoff)
+        pruned = await retention.prune_audit(conn, cutoff, batch=2)
 
     assert pruned == counted == {"reconcile_decisions": 7, "reconcile_runs": 6}
     left = await db.fetch("SELECT backend_job_id, outcome FROM reconcile_decisions"
@@ -244,8 +243,8 @@ async def test_the_prune_batches_read_the_partial_index_not_the_whole_table(
 
     async with db.connection() as conn:
         for query, table, index in (
-            (store.PRUNE_DECISIONS, "reconcile_decisions", "reconcile_decisions_prunable"),
-            (store.PRUNE_RUNS, "reconcile_runs", "reconcile_runs_finished"),
+            (retention.PRUNE_DECISIONS, "reconcile_decisions", "reconcile_decisions_prunable"),
+            (retention.PRUNE_RUNS, "reconcile_runs", "reconcile_runs_finished"),
         ):
             (plan,) = await conn.fetchval(
                 "EXPLAIN (FORMAT JSON) " + query, cutoff, *start, 5000)

@@ -21,11 +21,10 @@ from gateway.auth import authenticate
 from gateway.database import get_database
 from gateway.errors import NotFound
 from gateway.events import JobEventHub, get_job_events
-from gateway.store import Database, StoreError
+from gateway.store import Database, StoreError, owned_jobs
 from gateway.store import events as store_events
-from gateway.store import jobs as store_jobs
 from gateway.store.events import JobEventRow
-from gateway.store.jobs import JobView
+from gateway.store.owned_jobs import JobView
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +57,7 @@ class JobEventStream:
         # subscribe before reading, so that no change can fall between the read and the wait
         with hub.subscribe(job_id) as subscription:
             async with database.connection() as conn:
-                job = await store_jobs.get_owned(conn, job_id, principal.user_id, None)
+                job = await owned_jobs.get_owned(conn, job_id, principal.user_id, None)
             if job is None:
                 raise NotFound(JOB_NOT_FOUND)
             last_seen = _last_event_id(request)

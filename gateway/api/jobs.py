@@ -46,8 +46,8 @@ from gateway.jobs.prompts import fingerprint
 from gateway.jobs.records import FileRecord, JobUpdate
 from gateway.jobs.state import Event, Status
 from gateway.store import jobs as store_jobs
-from gateway.store import outbox
-from gateway.store.jobs import JobView, NewJob
+from gateway.store import outbox, owned_jobs
+from gateway.store.owned_jobs import JobView, NewJob
 
 log = structlog.get_logger(__name__)
 
@@ -118,7 +118,7 @@ def generate(kind: Kind) -> Handler:
         payload = {**fields, "job_id": new.id, "user_id": principal.user_id}
         # one statement: the job and its outbox row commit together, or neither does
         async with get_database(request.app).connection() as conn:
-            created = await store_jobs.create(conn, new, "generate", payload)
+            created = await owned_jobs.create(conn, new, "generate", payload)
         if not created.same_request:
             raise Unprocessable(
                 f"{IDEMPOTENCY_HEADER}: already used with a different request",
@@ -162,7 +162,7 @@ def status_view(job: JobView) -> JobStatusView:
 async def _owned(request: web.Request, kind: Kind, *, with_files: bool = False) -> JobView:
     principal = await authenticate(request)
     async with get_database(request.app).connection() as conn:
-        job = await store_jobs.get_owned(
+        job = await owned_jobs.get_owned(
             conn, request.match_info["id"], principal.user_id, kind, with_files=with_files
         )
     if job is None:
@@ -239,7 +239,7 @@ def gallery(kind: Kind) -> Handler:
         after = cursors.gallery_key(query.cursor) if query.cursor else None
         async with get_database(request.app).connection() as conn:
             # one row more than asked tells whether another page follows
-            jobs = await store_jobs.gallery(
+            jobs = await owned_jobs.gallery(
                 conn, principal.user_id, kind, limit=query.limit + 1, after=after
             )
         page, more = jobs[: query.limit], len(jobs) > query.limit
@@ -268,7 +268,7 @@ def cancel(kind: Kind) -> Handler:
         principal = await authenticate(request)
         job_id = request.match_info["id"]
         async with get_database(request.app).transaction() as conn:
-            job = await store_jobs.lock_owned(conn, job_id, principal.user_id, kind)
+            job = await owned_jobs.lock_owned(conn, job_id, principal.user_id, kind)
             if job is None:
                 raise NotFound(JOB_NOT_FOUND)
             if job.state.status.terminal:
@@ -282,7 +282,7 @@ def cancel(kind: Kind) -> Handler:
             await outbox.enqueue(
                 conn, job.id, "cancel", {"job_id": job.id, "user_id": job.user_id}
             )
-            view = await store_jobs.get_owned(conn, job.id, principal.user_id, kind)
+            view = await owned_jobs.get_owned(conn, job.id, principal.user_id, kind)
         assert applied.transition.applied
         assert view is not None
         metrics.JOB_DURATION.labels(kind=kind.value, status=Status.CANCELLED.value).observe(

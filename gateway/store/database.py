@@ -153,3 +153,23 @@ class Database:
     async def execute(self, query: str, *args: Any) -> str:
         async with self.connection() as conn:
             return str(await conn.execute(query, *args))
+
+
+# A transaction that commits without waiting for its WAL flush: for work whose loss in a
+# database crash is redone by the next run. Set for the transaction only (is_local): the
+# connection's next transactions wait for their flush again.
+ASYNC_COMMIT = """
+SELECT set_config('synchronous_commit', 'off', true)
+"""
+
+
+async def commit_without_flush(conn: asyncpg.Connection) -> None:
+    """The caller's open transaction commits without waiting for its WAL flush."""
+    assert conn.is_in_transaction(), "synchronous_commit is set per transaction"
+    await conn.execute(ASYNC_COMMIT)
+
+
+def rowcount(status: str) -> int:
+    """A command's status as its row count: 'DELETE 12' / 'INSERT 0 12' -> 12."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
