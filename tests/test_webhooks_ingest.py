@@ -21,6 +21,7 @@ from gateway.jobs.state import Event, JobState, Status, transition
 from gateway.store import Database, orphans
 from gateway.store import jobs as store_jobs
 from gateway.store import webhooks as store_webhooks
+from gateway.usecases.ingest import ingest
 from tests.conftest import WEBHOOK_KEY, WEBHOOK_SECRET
 from tests.factories import insert_job
 from tests.signing import signed
@@ -471,7 +472,7 @@ async def test_the_statement_decides_every_state_as_the_state_machine_does(db: D
         body = msgspec.json.encode({**_payload(event, value), "job_id": job_id})
         delivery = store_webhooks.Delivery(Kind.IMAGE, f"id:{job_id}", decode(body), body)
         async with db.connection() as conn:
-            result = await store_webhooks.ingest(conn, delivery)
+            result = await ingest(conn, delivery)
         expected = transition(JobState(current, now), Event(event, value))
         row = await job_row(db, job_id)
         case = (current, now, event, value)

@@ -43,17 +43,16 @@ from gateway.database import get_database
 from gateway.errors import Conflict, NotFound, Unprocessable
 from gateway.jobs.kinds import Kind
 from gateway.jobs.prompts import fingerprint
-from gateway.jobs.records import FileRecord, JobUpdate
-from gateway.jobs.state import Event, Status
-from gateway.store import jobs as store_jobs
-from gateway.store import outbox, owned_jobs
+from gateway.jobs.records import FileRecord
+from gateway.jobs.state import Status
+from gateway.store import owned_jobs
 from gateway.store.owned_jobs import JobView, NewJob
+from gateway.usecases import jobs as job_usecases
 
 log = structlog.get_logger(__name__)
 
 JOB_NOT_FOUND: Final = "No such job."
 PENDING_MESSAGE: Final = "Waiting to be sent to the generator."
-CANCELLED_MESSAGE: Final = "Cancelled by the user."
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
@@ -116,14 +115,13 @@ def generate(kind: Kind) -> Handler:
         )
         # the backend's request body: the client's fields plus our job id and the user
         payload = {**fields, "job_id": new.id, "user_id": principal.user_id}
-        # one statement: the job and its outbox row commit together, or neither does
-        async with get_database(request.app).connection() as conn:
-            created = await owned_jobs.create(conn, new, "generate", payload)
-        if not created.same_request:
+        try:
+            created = await job_usecases.create(get_database(request.app), new, payload)
+        except job_usecases.KeyReused:
             raise Unprocessable(
                 f"{IDEMPOTENCY_HEADER}: already used with a different request",
                 field=IDEMPOTENCY_HEADER,
-            )
+            ) from None
         if created.inserted:
             metrics.JOBS_CREATED.labels(kind=kind.value).inc()
             log.info(
@@ -267,24 +265,12 @@ def cancel(kind: Kind) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         principal = await authenticate(request)
         job_id = request.match_info["id"]
-        async with get_database(request.app).transaction() as conn:
-            job = await owned_jobs.lock_owned(conn, job_id, principal.user_id, kind)
-            if job is None:
+        done = await job_usecases.cancel(get_database(request.app), job_id, principal.user_id, kind)
+        if isinstance(done, job_usecases.NotCancelled):
+            if done.status is None:
                 raise NotFound(JOB_NOT_FOUND)
-            if job.state.status.terminal:
-                raise Conflict(f"The job is already {job.state.status.value}.")
-            applied = await store_jobs.apply(
-                conn,
-                job,
-                JobUpdate(Event(Status.CANCELLED), source="cancel", message=CANCELLED_MESSAGE),
-            )
-            # best effort at the backend, delivered from the outbox like the job itself
-            await outbox.enqueue(
-                conn, job.id, "cancel", {"job_id": job.id, "user_id": job.user_id}
-            )
-            view = await owned_jobs.get_owned(conn, job.id, principal.user_id, kind)
-        assert applied.transition.applied
-        assert view is not None
+            raise Conflict(f"The job is already {done.status.value}.")
+        job, applied, view = done.job, done.applied, done.view
         metrics.JOB_DURATION.labels(kind=kind.value, status=Status.CANCELLED.value).observe(
             (view.updated_at - job.created_at) / dt.timedelta(seconds=1)
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import os
 import random
@@ -36,12 +35,10 @@ from tenacity import (
 
 from gateway import metrics
 from gateway.delivery.backend import Accepted, BackendClient, Refused, Transient, Unsendable
-from gateway.jobs.records import JobUpdate, LockedJob
-from gateway.jobs.state import Event, Status
+from gateway.jobs.state import Status
 from gateway.settings import Settings
 from gateway.store import Database, StoreError, StoreUnavailable, outbox
-from gateway.store import jobs as store_jobs
-from gateway.store.orphans import Attached
+from gateway.usecases import delivery
 
 log = structlog.get_logger(__name__)
 
@@ -60,11 +57,6 @@ MAX_RETRY_AFTER: Final = 86_400.0
 POLL_SECONDS: Final = 2.0
 MIN_SLEEP: Final = 0.02
 MAX_IN_FLIGHT: Final = 16
-# what an accepted generate does to its job
-_ACCEPTED: Final = JobUpdate(
-    event=Event(Status.QUEUED), source="delivery", message="Accepted by the generator backend"
-)
-
 _T = TypeVar("_T")
 
 
@@ -344,98 +336,46 @@ class _Attempt:
     async def _delivered(self, answer: Accepted) -> None:
         row = self.row
         backend_id = answer.job_id if answer.job_id and answer.job_id != row.job_id else None
-        result = await _settle(lambda: self._record_delivered(backend_id))
-        if result is None:
+        done = await _settle(lambda: delivery.accepted(self.d.database, row, backend_id))
+        if done is None:
             return
-        recorded, alias = result
         metrics.DELIVERY_ATTEMPTS.labels(row.action, "delivered").inc()
-        if not recorded:
+        if not done.recorded:
             self.log.info("delivery_already_settled", status=answer.status)
             return
+        if done.alias == "conflict":
+            self.log.warning("delivery_alias_conflict", backend_job_id=backend_id)
+        for finished in done.finished:
+            _count_terminal(finished)
         self.log.info(
             "delivery_delivered",
             status=answer.status,
             calls=self.calls,
             backend_job_id=backend_id,
-            alias=alias,
+            alias=done.alias,
         )
-
-    async def _record_delivered(self, backend_id: str | None) -> tuple[bool, str | None]:
-        """One transaction: the row settled, the job QUEUED, the backend's id attached."""
-        row = self.row
-        replayed: Attached | None = None
-        if row.action == "generate" and backend_id is None:
-            # the common case, in one statement when the job did not move since the claim
-            async with self.d.database.connection() as conn:
-                done = await outbox.delivered_and_apply(conn, row, _ACCEPTED)
-            if done is not None:
-                return done is not False, None
-        async with self.d.database.transaction() as conn:
-            job = await store_jobs.lock(conn, row.job_id) if row.action == "generate" else None
-            if not await outbox.mark_delivered(conn, row.id):
-                return False, None
-            if job is None:
-                return True, None
-            applied = await store_jobs.apply(conn, job, _ACCEPTED)
-            job = dataclasses.replace(job, state=applied.transition.state, seq=applied.seq)
-            if backend_id is None:
-                return True, None
-            attached = await outbox.record_backend_id(conn, row.kind, backend_id, job)
-            if attached is None:
-                self.log.warning("delivery_alias_conflict", backend_job_id=backend_id)
-                return True, "conflict"
-            replayed = attached
-        notified = len(replayed.notification_ids)
-        for step in replayed.transitions:
-            if step.finished:
-                _count_terminal(job, step.state.status, notified=notified > 0)
-                notified -= step.state.status is not Status.CANCELLED
-        return True, "recorded"
 
     async def _fail(self, error: str, *, status: int | None) -> None:
         row = self.row
-        result = await _settle(lambda: self._record_failed(error))
+        result = await _settle(
+            lambda: delivery.failed(self.d.database, row, owner=self.d.owner, error=error)
+        )
         if result is None:
             return
+        held, finished = result
         metrics.DELIVERY_ATTEMPTS.labels(row.action, "failed").inc()
-        if result:
+        if finished is not None:
+            _count_terminal(finished)
+        if held:
             self.log.warning("delivery_failed", status=status, calls=self.calls, error=error)
         else:
             self.log.warning("delivery_claim_lost", status=status, error=error)
 
-    async def _record_failed(self, error: str) -> bool:
-        row = self.row
-        async with self.d.database.transaction() as conn:
-            job = await store_jobs.lock(conn, row.job_id) if row.action == "generate" else None
-            if not await outbox.mark_failed(conn, row, owner=self.d.owner, error=error):
-                return False
-            if job is None:
-                return True
-            applied = await store_jobs.apply(
-                conn,
-                job,
-                JobUpdate(
-                    event=Event(Status.FAILED),
-                    source="delivery",
-                    message="The generator backend did not take the job",
-                    error_message=error,
-                ),
-            )
-        if applied.transition.finished:
-            _count_terminal(job, Status.FAILED, notified=applied.notification_id is not None)
-        return True
-
     async def _reschedule(self, exc: Transient) -> None:
         row = self.row
         delay = self.d.retry_delay(row.attempts, exc.retry_after)
-
-        async def record() -> bool:
-            async with self.d.database.connection() as conn:
-                return await outbox.reschedule(
-                    conn, row, owner=self.d.owner, delay_seconds=delay, error=exc.message
-                )
-
-        held = await _settle(record)
+        held = await _settle(lambda: delivery.retried(
+            self.d.database, row, owner=self.d.owner, delay_seconds=delay, error=exc.message))
         if held is None:
             return
         metrics.DELIVERY_ATTEMPTS.labels(row.action, "retry").inc()
@@ -453,21 +393,9 @@ class _Attempt:
     async def _settle_unsent(self) -> None:
         """A generate row whose job ended before delivery: settled without a call."""
         row = self.row
-        reason = f"not sent: the job was already {row.job_status.value} before delivery"
-
-        async def record() -> bool:
-            async with self.d.database.transaction() as conn:
-                if not await outbox.mark_failed(conn, row, owner=self.d.owner, error=reason):
-                    return False
-                if row.attempts == 1 and row.job_status is Status.CANCELLED:
-                    # no earlier claim can have sent it: the backend has nothing to cancel
-                    await outbox.settle_unsent_cancel(
-                        conn, row.job_id, "not sent: the generator backend never received the job"
-                    )
-                return True
-
-        if await _settle(record):
-            self.log.info("delivery_skipped", job_status=row.job_status.value, reason=reason)
+        if await _settle(lambda: delivery.skipped(self.d.database, row, owner=self.d.owner)):
+            self.log.info("delivery_skipped", job_status=row.job_status.value,
+                          reason=delivery.unsent_reason(row))
 
 
 def _transient(state: RetryCallState) -> Transient:
@@ -494,10 +422,10 @@ async def _settle(work: Callable[[], Awaitable[_T]]) -> _T | None:
     return None
 
 
-def _count_terminal(job: LockedJob, status: Status, *, notified: bool) -> None:
+def _count_terminal(finished: delivery.Finished) -> None:
     """Metrics of a job that reached a terminal status here."""
-    if notified and status is not Status.CANCELLED:
+    job, status = finished.job, finished.status
+    if finished.notified and status is not Status.CANCELLED:
         metrics.NOTIFICATIONS_CREATED.labels(f"{job.kind.label}_{status.value}").inc()
     elapsed = (dt.datetime.now(dt.UTC) - job.created_at).total_seconds()
     metrics.JOB_DURATION.labels(job.kind.value, status.value).observe(max(elapsed, 0.0))
-

@@ -1,4 +1,5 @@
-"""Webhook ingest: one transaction per verified delivery, its dedupe row and its effect together.
+"""Webhook ingest's statements: one transaction per verified delivery, its dedupe row and its
+effect together (`gateway.usecases.ingest` decides with them).
 
 The delivery's dedupe key is claimed with `INSERT ... ON CONFLICT DO NOTHING` in the same
 transaction as the effect, so a delivery seen before (committed) is a duplicate and changes
@@ -25,31 +26,17 @@ never before, so two transactions never wait for each other in opposite orders.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 from typing import Any
 
 import asyncpg
-import msgspec
 
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import WebhookPayload
-from gateway.jobs.prompts import normalize
-from gateway.jobs.records import LockedJob
 from gateway.jobs.state import JobState, Plan, Status
 from gateway.jobs.state import plan as state_plan
 from gateway.store import jobs as store_jobs
-from gateway.store import orphans
-from gateway.store.errors import StoreError
-from gateway.store.jobs import Applied
 from gateway.store.statements import Statement
-
-
-class Outcome(enum.StrEnum):
-    APPLIED = "applied"
-    DUPLICATE = "duplicate"
-    STALE = "stale"
-    ORPHANED = "orphaned"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -61,16 +48,6 @@ class Delivery:
     payload: WebhookPayload
     # the verified body as received, kept whole when the delivery becomes an orphan event
     body: bytes
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Ingested:
-    """What one delivery did. `job` is the job as locked, before `applied` changed it."""
-
-    outcome: Outcome
-    job: LockedJob | None = None
-    applied: Applied | None = None
-    orphan_event_id: int | None = None
 
 
 CLAIM = """
@@ -174,72 +151,15 @@ def ingest_statement(delivery: Delivery) -> tuple[str, tuple[Any, ...], Plan]:
     return statement.sql, statement.args(values), plan
 
 
-async def ingest(conn: asyncpg.Connection, delivery: Delivery) -> Ingested:
-    """Dedupe and apply one delivery. Outside a transaction, each statement commits on its
-    own; inside the caller's, everything commits with it."""
-    statement, args, plan = ingest_statement(delivery)
-    row = await conn.fetchrow(statement, *args)
-    if row is not None:
-        job = store_jobs.locked_job(row)
-        if row["seen"] or (row["locked"] and not row["claimed"]):
-            return Ingested(Outcome.DUPLICATE, job)
-        if row["locked"]:
-            step = plan.apply(job.state)
-            if step.applied != row["applies"]:
-                raise StoreError(f"the database and the state machine disagree on job {job.id}")
-            if step.applied:
-                return Ingested(
-                    Outcome.APPLIED, job, Applied(step, row["seq"], row["notification_id"])
-                )
-            return Ingested(Outcome.STALE, job, Applied(step, job.seq))
-        # the job was read but was gone when the statement came to lock it
-    async with conn.transaction():
-        return await _ingest_locked(conn, delivery, event_status(delivery.payload))
-
-
-async def _ingest_locked(conn: asyncpg.Connection, delivery: Delivery, status: str) -> Ingested:
-    kind, payload = delivery.kind, delivery.payload
-    await orphans.lock_backend_id(conn, kind, payload.job_id)
-    job = await store_jobs.lock_for_backend_id(conn, kind, payload.job_id)
-    if job is not None:
-        # an alias was committed since the first look
-        if not await _claim(conn, delivery, status, job.id, Outcome.APPLIED):
-            return Ingested(Outcome.DUPLICATE, job)
-        return await _apply(conn, job, delivery)
-
-    if not await _claim(conn, delivery, status, None, Outcome.ORPHANED):
-        return Ingested(Outcome.DUPLICATE)
-    prompt = payload.hinted_prompt(kind)
-    event_id = await orphans.record(
-        conn,
-        kind,
-        payload.job_id,
-        dedupe_key=delivery.dedupe_key,
-        event_status=status,
-        # the body as sent, unknown fields included (the jsonb codec passes Raw through)
-        payload=msgspec.Raw(delivery.body),
-        hints=orphans.OrphanHints(
-            user_id=payload.hinted_user_id,
-            prompt=prompt,
-            prompt_norm=(normalize(prompt) or None) if prompt else None,
-            file_count=len(payload.files(kind)),
-        ),
-    )
-    return Ingested(Outcome.ORPHANED, orphan_event_id=event_id)
-
-
 def event_status(payload: WebhookPayload) -> str:
     """The backend's status word, normalised (`completed`, `failed`, ...)."""
     return payload.job_status.value.lower()
 
 
-async def _claim(
-    conn: asyncpg.Connection,
-    delivery: Delivery,
-    status: str,
-    job_id: str | None,
-    outcome: Outcome,
+async def claim(
+    conn: asyncpg.Connection, delivery: Delivery, status: str, job_id: str | None, outcome: str
 ) -> bool:
+    """Claim the delivery's dedupe key with its outcome; False when it was taken already."""
     claimed = await conn.fetchval(
         CLAIM,
         delivery.dedupe_key,
@@ -247,14 +167,11 @@ async def _claim(
         delivery.payload.job_id,
         job_id,
         status,
-        outcome.value,
+        outcome,
     )
     return claimed is not None
 
 
-async def _apply(conn: asyncpg.Connection, job: LockedJob, delivery: Delivery) -> Ingested:
-    applied = await store_jobs.apply(conn, job, delivery.payload.to_update(delivery.kind))
-    if not applied.transition.applied:
-        await conn.execute(MARK_STALE, delivery.dedupe_key)
-        return Ingested(Outcome.STALE, job, applied)
-    return Ingested(Outcome.APPLIED, job, applied)
+async def mark_stale(conn: asyncpg.Connection, dedupe_key: str) -> None:
+    """A claimed delivery's event turned out not to apply."""
+    await conn.execute(MARK_STALE, dedupe_key)

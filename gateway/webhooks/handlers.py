@@ -30,8 +30,8 @@ from gateway.errors import (
 from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import PayloadError, WebhookPayload, decode
 from gateway.jobs.prompts import fingerprint
-from gateway.store import webhooks as store_webhooks
-from gateway.store.webhooks import Delivery, Ingested, Outcome
+from gateway.store.webhooks import Delivery
+from gateway.usecases.ingest import Ingested, Outcome, ingest
 from gateway.webhooks.verify import VerificationFailed, Verified, Verifier
 
 log = structlog.get_logger(__name__)
@@ -123,7 +123,7 @@ async def receive(request: web.Request, kind: Kind) -> web.Response:
     payload = _decode(body, kind, verified, counters)
     delivery = Delivery(kind, _dedupe_key(kind, verified, body), payload, body)
     async with get_database(request.app).connection() as conn:
-        result = await store_webhooks.ingest(conn, delivery)
+        result = await ingest(conn, delivery)
     # committed: from here on, only bookkeeping
     counters.outcomes[result.outcome].inc()
     _observe(kind, result)
