@@ -23,7 +23,8 @@ from gateway.settings import Settings, SettingsError, parse_duration
 from gateway.store.database import Database
 from gateway.store.errors import StoreUnavailable
 from gateway.store.migrations import is_current
-from reconcile import metrics, operators, report
+from gateway.usecases import operators
+from reconcile import metrics, report
 from reconcile.runner import RunOptions, run_once
 
 log = structlog.get_logger(__name__)

@@ -31,6 +31,7 @@ from gateway.store.reconcile import plan as store_plan
 from gateway.store.reconcile import review as store_review
 from gateway.store.reconcile import runs
 from gateway.store.reconcile.review import ReviewItem
+from gateway.usecases import matching
 
 if TYPE_CHECKING:
     import asyncpg
@@ -182,7 +183,7 @@ class _Pass:
     async def _apply_matches(self, run_id: int) -> int:
         failed = 0
 
-        def report(m: store_matches.PlannedMatch, result: store_matches.MatchResult) -> None:
+        def report(m: store_matches.PlannedMatch, result: matching.MatchResult) -> None:
             nonlocal failed
             if result.matched:
                 log.debug("reconcile_matched", run_id=run_id, kind=m.kind.value,
@@ -203,7 +204,7 @@ class _Pass:
             try:
                 with translate_errors():
                     async with conn.transaction():
-                        result = await store_matches.apply_match(conn, run_id, m)
+                        result = await matching.apply_match(conn, run_id, m)
             except StoreUnavailable:
                 raise
             except Exception as exc:
@@ -212,7 +213,7 @@ class _Pass:
                 log.exception("reconcile_apply_failed", run_id=run_id, kind=m.kind.value,
                               backend_job_id=m.backend_job_id, job_id=m.job_id)
                 async with conn.transaction():
-                    await store_matches.record_failure(conn, run_id, m.plan_id, repr(exc))
+                    await matching.record_failure(conn, run_id, m.plan_id, repr(exc))
                 return
             report(m, result)
 
@@ -220,7 +221,7 @@ class _Pass:
             try:
                 with translate_errors():
                     async with conn.transaction():
-                        results = await store_matches.apply_matches(conn, run_id, batch)
+                        results = await matching.apply_matches(conn, run_id, batch)
             except StoreUnavailable:
                 raise
             except Exception:

@@ -23,7 +23,7 @@ from gateway.store import Database, orphans, retention, stale_jobs
 from gateway.store.reconcile import apply as store_matches
 from gateway.store.reconcile import plan as store_plan
 from gateway.store.reconcile import runs
-from reconcile import operators
+from gateway.usecases import matching, operators
 from reconcile.runner import RunOptions, RunResult, run_once
 from tests.factories import insert_job
 
@@ -800,7 +800,7 @@ async def test_a_planned_match_is_withdrawn_when_the_job_heard_from_the_backend_
     await db.execute("UPDATE jobs SET first_webhook_at = now() WHERE id = $1", job_id)
 
     async with db.transaction() as conn:
-        outcome = await store_matches.apply_match(conn, run.id, planned)
+        outcome = await matching.apply_match(conn, run.id, planned)
 
     assert not outcome.matched
     assert outcome.reason == "the job heard from the backend under its own id meanwhile"
@@ -901,7 +901,7 @@ async def test_a_batch_commits_asynchronously_and_its_connection_waits_for_flush
             assert await conn.fetchval("SHOW synchronous_commit") == "off"
         assert await conn.fetchval("SHOW synchronous_commit") == "on"
         async with conn.transaction():
-            await store_matches.apply_matches(conn, 0, [])
+            await matching.apply_matches(conn, 0, [])
             assert await conn.fetchval("SHOW synchronous_commit") == "off"
         assert await conn.fetchval("SHOW synchronous_commit") == "on"
 

@@ -17,7 +17,7 @@ import pytest
 
 from gateway.settings import Settings, SettingsError
 from gateway.store import Database, retention
-from reconcile import operators
+from gateway.usecases import operators
 from reconcile.runner import RunOptions
 from tests.factories import insert_job
 from tests.test_reconcile import decisions, payload, reconcile, record_orphan

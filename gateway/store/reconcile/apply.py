@@ -12,10 +12,8 @@ from typing import Any
 import asyncpg
 
 from gateway.jobs.kinds import Kind
-from gateway.jobs.matching import MatchState, match_obstacle
-from gateway.store import jobs as store_jobs
-from gateway.store import orphans
-from gateway.store.database import commit_without_flush, json_text, rowcount
+from gateway.jobs.matching import MatchState
+from gateway.store.database import json_text, rowcount
 
 PLANNED_MATCHES = """
 SELECT id, kind, backend_job_id, job_id, rule
@@ -68,7 +66,9 @@ WHERE p.id = ANY($2::bigint[]) AND p.id = d.plan_id
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Decision:
+class Decision:
+    """One row of reconcile_decisions for a planned orphan, and the plan's note of it."""
+
     plan_id: int
     job_id: str | None
     rule: str
@@ -76,7 +76,10 @@ class _Decision:
     evidence: dict[str, Any]
 
 
-async def _decide(conn: asyncpg.Connection, run_id: int, decisions: list[_Decision]) -> None:
+async def decide(
+    conn: asyncpg.Connection, run_id: int, decisions: Sequence[Decision]
+) -> None:
+    """Write the decisions and mark their plan rows decided, in the caller's transaction."""
     if decisions:
         await conn.execute(
             DECIDE_PLANNED, run_id,
@@ -95,17 +98,6 @@ class PlannedMatch:
     rule: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class MatchResult:
-    matched: bool
-    reason: str | None = None
-    job_status: str | None = None
-    replayed: int = 0
-    notifications: int = 0
-    # applying it failed (recorded as waiting, rule apply_failed)
-    failed: bool = False
-
-
 async def planned_matches(
     conn: asyncpg.Connection, run_id: int, *, batch: int = 500
 ) -> AsyncIterator[PlannedMatch]:
@@ -121,69 +113,23 @@ async def planned_matches(
         after = rows[-1]["id"]
 
 
-async def apply_match(conn: asyncpg.Connection, run_id: int, m: PlannedMatch) -> MatchResult:
-    """`apply_matches` of one match."""
-    (result,) = await apply_matches(conn, run_id, [m])
-    return result
-
-
-async def apply_matches(
-    conn: asyncpg.Connection, run_id: int, matches: Sequence[PlannedMatch]
-) -> list[MatchResult]:
-    """Apply planned matches in the caller's transaction, those that still hold.
-
-    Locks the jobs (in id order), then the backend ids (the order delivery's attach uses),
-    checks again what the plan saw, and attaches the matches that still hold with one
-    `orphans.attach_many`; a match that no longer holds is recorded as waiting for the
-    next run. Either way every decision row is written in the same transaction. One result
-    per match, in order.
-    """
-    # Atomicity is unchanged; a database crash may forget the last few batches' commits,
-    # which the next run redoes from the orphans' stored events. Waiting for a flush per
-    # batch would cost a disk sync each, serialized by NOTIFY's commit lock.
-    await commit_without_flush(conn)
-    jobs = await store_jobs.lock_many(conn, [m.job_id for m in matches])
-    await orphans.lock_backend_ids(conn, [(m.kind, m.backend_job_id) for m in matches])
-    states = await conn.fetch(
-        MATCH_STATES, [m.kind.value for m in matches], [m.backend_job_id for m in matches],
-        [m.job_id for m in matches],
-    )
-    results: list[MatchResult | None] = [None] * len(matches)
-    decisions: list[_Decision] = []
-    holding: list[tuple[int, orphans.Pair]] = []
-    for index, (m, row) in enumerate(zip(matches, states, strict=True)):
-        job = jobs.get(m.job_id)
-        reason = match_obstacle(m.rule, m.job_id, job, _match_state(row))
-        if reason is not None or job is None:
-            decisions.append(_Decision(m.plan_id, None, "recheck", "waiting",
-                                       {"reason": reason, "planned_job_id": m.job_id}))
-            results[index] = MatchResult(False, reason=reason)
-        else:
-            holding.append((index, orphans.Pair(m.kind, m.backend_job_id, job)))
-    # under both locks nobody else can alias either side, so nothing should be refused
-    attached = await orphans.attach_many(conn, [p for _, p in holding], source="reconciler")
-    for (index, pair), done in zip(holding, attached, strict=True):
-        m = matches[index]
-        if isinstance(done, orphans.Refused):
-            decisions.append(_failure(m.plan_id, done.reason))
-            results[index] = MatchResult(False, reason=done.reason, failed=True)
-            continue
-        status = done.job.state.status.value
-        decisions.append(_Decision(
-            m.plan_id, m.job_id, m.rule, "matched",
-            {"job_user_id": pair.job.user_id, "job_created_at": pair.job.created_at,
-             "replayed_events": len(done.transitions), "job_status": status}))
-        results[index] = MatchResult(True, job_status=status, replayed=len(done.transitions),
-                                     notifications=len(done.notification_ids))
-    await _decide(conn, run_id, decisions)
-    return [r for r in results if r is not None]
-
-
 def _match_state(r: asyncpg.Record) -> MatchState | None:
     if r["state"] is None:
         return None
     return MatchState(r["state"], r["alias_job_id"], r["job_has_other_alias"],
                       r["job_had_webhook"])
+
+
+async def match_states(
+    conn: asyncpg.Connection, matches: Sequence[PlannedMatch]
+) -> list[MatchState | None]:
+    """What each match depends on as it is now (None: the orphan is gone), in order; read
+    after both locks are held."""
+    rows = await conn.fetch(
+        MATCH_STATES, [m.kind.value for m in matches], [m.backend_job_id for m in matches],
+        [m.job_id for m in matches],
+    )
+    return [_match_state(r) for r in rows]
 
 
 async def match_state(
@@ -192,18 +138,6 @@ async def match_state(
     """None when there is no such orphan."""
     (row,) = await conn.fetch(MATCH_STATES, [kind.value], [backend_job_id], [job_id])
     return _match_state(row)
-
-
-def _failure(plan_id: int, error: str) -> _Decision:
-    return _Decision(plan_id, None, "apply_failed", "waiting",
-                     {"reason": "applying the match failed", "error": error[:500]})
-
-
-async def record_failure(
-    conn: asyncpg.Connection, run_id: int, plan_id: int, error: str
-) -> None:
-    """An orphan whose attach failed: recorded as waiting (the next run tries again)."""
-    await _decide(conn, run_id, [_failure(plan_id, error)])
 
 
 # The expiries and the decisions that change nothing, in one statement. An orphan that
