@@ -1,14 +1,17 @@
-"""The layers import downwards only: the domain nothing of the store, web or delivery; the
-reconciler nothing web."""
+"""The layers import downwards only: the domain nothing of the store, web or delivery; the use
+cases and the reconciler nothing web. And no module grows into several."""
 
 from __future__ import annotations
 
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
 
+import gateway
 import gateway.jobs
+import gateway.usecases
 import reconcile
 
 WEB = ("aiohttp", "gateway.api", "gateway.webhooks", "gateway.app", "gateway.server",
@@ -51,3 +54,21 @@ def test_the_domain_imports_nothing_of_the_store_web_or_delivery() -> None:
 def test_the_import_check_sees_what_a_package_loads() -> None:
     _, found = imported_by(reconcile, STORE)
     assert "gateway.store" in found.split(",")
+
+
+def test_the_use_cases_import_nothing_web() -> None:
+    modules, found = imported_by(gateway.usecases, WEB)
+    assert len(modules) >= 5
+    assert found == ""
+
+
+# A module past this many lines holds several things a reader would look for separately.
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_of_the_gateway_or_the_reconciler_is_over_500_lines() -> None:
+    roots = [Path(gateway.__file__).parent, Path(reconcile.__file__).parent]
+    sizes = {str(p): len(p.read_text().splitlines()) for root in roots
+             for p in root.rglob("*.py")}
+    assert len(sizes) > 50
+    assert {p: n for p, n in sizes.items() if n > MAX_MODULE_LINES} == {}
