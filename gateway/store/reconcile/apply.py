@@ -1,7 +1,7 @@
-"""Applying the plan's matches, a batch per transaction, through `orphans.attach_many`, so
-a crash leaves each orphan fully applied or untouched; every decision leaves its row.
-Decisions that change nothing (waiting, ambiguous, no candidate) and expiries are written
-in one statement."""
+"""The store's side of applying the plan (`gateway.usecases.matching` decides): the planned
+matches read in keyset batches, what each depends on read under the locks, and the decisions
+written with their plan rows. Decisions that change nothing (waiting, ambiguous, no
+candidate) and expiries are written in one statement."""
 
 from __future__ import annotations
 
