@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -36,6 +36,7 @@ from gateway.app import create_app
 from gateway.embedded import embedded_postgres, new_webhook_secret
 from gateway.settings import Secret, Settings
 from gateway.simulator import SimulatedBackend, SimulatorConfig, parse_mode
+from gateway.store.dsn import with_database
 from gateway.store.migrations import migrate
 
 DEMO_DATABASE = "sorami_demo"
@@ -152,7 +153,7 @@ async def fresh_database(admin_dsn: str) -> str:
         await conn.execute(f"CREATE DATABASE {DEMO_DATABASE}")
     finally:
         await conn.close()
-    dsn = urlunsplit(urlsplit(admin_dsn)._replace(path="/" + DEMO_DATABASE))
+    dsn = with_database(admin_dsn, DEMO_DATABASE)
     await migrate(dsn)
     return dsn
 

@@ -12,6 +12,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from gateway.errors import GatewayError
+from gateway.store.dsn import DatabaseURL, InvalidDatabaseURL
 
 DEFAULT_RETRY_SCHEDULE: Final = (5.0, 30.0, 120.0, 600.0, 1800.0, 7200.0)
 
@@ -189,9 +190,10 @@ def webhook_key(secret: str) -> bytes:
 
 
 def _check_postgres_url(value: str) -> str | None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("postgres", "postgresql"):
-        return "must be a postgresql:// URL"
+    try:
+        DatabaseURL.parse(value)
+    except InvalidDatabaseURL as exc:
+        return str(exc)
     return None
 
 
