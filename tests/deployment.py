@@ -25,7 +25,8 @@ from tests.test_dockerfile import instructions
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
-SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+SCRIPTS = PROJECT["scripts"]
 PARSERS = {"sorami-gateway": gateway_cli._parser, "sorami-reconcile": reconcile_cli._parser}
 
 
@@ -84,6 +85,11 @@ def dockerfile_user_id() -> int:
 def dockerfile_port() -> int:
     (port,) = instructions("EXPOSE")
     return int(port)
+
+
+def image_name(image: str) -> str:
+    """`registry.example.com/team/sorami-gateway:1.0` -> `sorami-gateway`."""
+    return image.rsplit("/", 1)[-1].split(":")[0]
 
 
 def kubectl() -> str:

@@ -12,13 +12,16 @@ import yaml
 from gateway.settings import Settings, parse_duration
 from tests.deployment import (
     DEPLOY,
+    PROJECT,
     ROOT,
     compose,
     dockerfile_port,
+    image_name,
     known_settings,
     parse_command,
     secret_settings,
 )
+from tests.test_dockerfile import instructions
 
 NGINX = (DEPLOY / "compose" / "nginx.conf").read_text()
 
@@ -46,6 +49,9 @@ def nginx_directive(name: str) -> list[str]:
 
 def test_two_gateway_replicas_serve_with_a_command_the_code_accepts() -> None:
     assert len(replicas()) >= 2
+    assert {image_name(s["image"]) for s in of_the_image().values()} == {PROJECT["name"]}
+    assert {s["build"] for s in services().values() if "build" in s} == {"."}
+    assert (ROOT / "Dockerfile").is_file()
     for name, service in replicas().items():
         args = parse_command(service["command"])
         assert args.host == "0.0.0.0", name
@@ -82,6 +88,16 @@ def test_the_database_url_names_the_postgres_service_and_its_credentials() -> No
             postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"]
         ), name
         assert url.path == "/" + postgres["POSTGRES_DB"], name
+
+
+def test_the_proxy_waits_for_replicas_the_images_healthcheck_reports_healthy() -> None:
+    waits = services()["proxy"]["depends_on"]
+    assert set(waits) == set(replicas())
+    assert {w["condition"] for w in waits.values()} == {"service_healthy"}
+    # compose.yaml gives the replicas no healthcheck of its own: the image's is the one
+    assert all("healthcheck" not in s for s in replicas().values())
+    (health,) = instructions("HEALTHCHECK")
+    assert "/healthz" in health
 
 
 def test_the_proxy_balances_over_every_replica_and_lets_the_gateway_answer_413() -> None:

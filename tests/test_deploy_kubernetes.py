@@ -13,8 +13,10 @@ from gateway.settings import Settings
 from reconcile.runner import RunOptions
 from tests.deployment import (
     DEPLOY,
+    PROJECT,
     dockerfile_port,
     dockerfile_user_id,
+    image_name,
     known_settings,
     parse_command,
     pod_specs,
@@ -157,7 +159,7 @@ def test_the_server_and_the_reconciler_run_one_image_with_commands_the_code_acce
     images = {c["image"] for c in containers(objects)}
     assert len(images) == 1, images
     (image,) = images
-    assert image.rsplit("/", 1)[-1].split(":")[0] == "sorami-gateway"
+    assert image_name(image) == PROJECT["name"]
     serve = parse_command(server(objects)["command"])
     assert serve.command == "serve"
     assert serve.host == "0.0.0.0"
