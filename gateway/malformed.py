@@ -38,8 +38,9 @@ from gateway.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-# aiohttp's parser refuses more header fields than this (its own limit, not a setting)
+# aiohttp's default count of header fields, kept (the sizes are what operators tune)
 MAX_HEADER_FIELDS: Final = 128
+# the message of both of aiohttp's parsers, and its only sign of this refusal
 _TOO_MANY_HEADERS: Final = "Too many headers received"
 
 

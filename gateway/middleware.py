@@ -104,11 +104,12 @@ def _malformed_body(request: web.Request, detail: str) -> web.Response:
 def describe_parse_failure(exc: BaseException) -> str:
     """aiohttp's words for a parse failure, without the client's bytes it quotes."""
     text = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
-    lines = (line.strip().rstrip(":.") for line in text.splitlines())
-    words = [line for line in lines if line and not _QUOTED_OR_CODE.match(line)]
+    lines = (_QUOTED.split(line, maxsplit=1)[0].strip().rstrip(":.") for line in text.splitlines())
+    words = [line for line in lines if line and not _POINTER_OR_CODE.fullmatch(line)]
     return ("; ".join(words) or "malformed")[:200]
 
 
-# llhttp quotes the offending bytes and points at them on lines of their own; a payload
-# error carries its status code ("400, message:") first
-_QUOTED_OR_CODE: Final = re.compile(r"b'|b\"|\^|bytearray\(|\d{3}, message$")
+# aiohttp quotes the offending bytes, llhttp points at them on a line of their own, and a
+# payload error starts with its status code ("400, message:")
+_QUOTED: Final = re.compile(r"b'|b\"|bytearray\(")
+_POINTER_OR_CODE: Final = re.compile(r"\^|\d{3}, message")
