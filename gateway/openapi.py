@@ -84,6 +84,17 @@ NOT_FOUND = problem(404, "No such resource, or not the caller's (the same answer
 UNAVAILABLE = problem(503, "The database or the identity provider is unavailable.",
                       "Retry-After")
 
+# every route: what the server answers before any handler runs (see gateway.malformed)
+MALFORMED_REPLIES: Final = (
+    problem(400, "The request is not well-formed HTTP (method, version, header characters, "
+                 "chunked or content coding of the body); the connection is closed"),
+    problem(414, "The request line is longer than HTTP_MAX_REQUEST_LINE_BYTES; the connection "
+                 "is closed"),
+    problem(431, "A header field is longer than HTTP_MAX_HEADER_FIELD_BYTES, there are more "
+                 "than 128, or together they are over HTTP_MAX_HEADER_BYTES; the connection is "
+                 "closed"),
+)
+
 _HEADER_DOCS: Final = {
     "WWW-Authenticate": "`Bearer`",
     "Retry-After": "seconds to wait before retrying",
@@ -150,7 +161,7 @@ def _schema_types(operations: list[Operation]) -> list[Any]:
     for operation in operations:
         if operation.body is not None:
             seen[operation.body] = None
-        for reply in operation.replies:
+        for reply in _replies(operation):
             if reply.schema is not None:
                 seen[reply.schema] = None
         if operation.query is not None:
@@ -186,7 +197,7 @@ def _operation(operation: Operation, ref: dict[Any, Any]) -> dict[str, Any]:
         "operationId": operation.operation_id,
         "summary": operation.summary,
         "tags": [operation.tag],
-        "responses": {str(r.status): _reply(r, ref) for r in operation.replies},
+        "responses": {str(r.status): _reply(r, ref) for r in _replies(operation)},
     }
     if operation.description:
         spec["description"] = operation.description
@@ -199,6 +210,12 @@ def _operation(operation: Operation, ref: dict[Any, Any]) -> dict[str, Any]:
         }
     spec["security"] = [{"bearer": []}] if operation.bearer else []
     return spec
+
+
+def _replies(operation: Operation) -> tuple[Reply, ...]:
+    """The operation's own answers, then the malformed-request answers it does not name."""
+    own = {reply.status for reply in operation.replies}
+    return (*operation.replies, *(r for r in MALFORMED_REPLIES if r.status not in own))
 
 
 def _reply(reply: Reply, ref: dict[Any, Any]) -> dict[str, Any]:

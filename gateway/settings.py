@@ -89,6 +89,10 @@ class Settings:
     dedupe_retention_seconds: int = 7 * 86400
     # the reconciler's audit rows that no orphan needs any more are kept this long
     reconcile_audit_retention_seconds: int = 30 * 86400
+    # a request head over these is refused (414 / 431) before any handler runs
+    http_max_request_line_bytes: int = 8190
+    http_max_header_field_bytes: int = 8190
+    http_max_header_bytes: int = 32768
 
     @property
     def embedded(self) -> bool:
@@ -149,6 +153,15 @@ class Settings:
             reconcile_audit_retention_seconds=p.integer(
                 "RECONCILE_AUDIT_RETENTION_SECONDS", 30 * 86400, low=3600
             ),
+            http_max_request_line_bytes=p.integer(
+                "HTTP_MAX_REQUEST_LINE_BYTES", 8190, low=256, high=1024 * 1024
+            ),
+            http_max_header_field_bytes=p.integer(
+                "HTTP_MAX_HEADER_FIELD_BYTES", 8190, low=256, high=1024 * 1024
+            ),
+            http_max_header_bytes=p.integer(
+                "HTTP_MAX_HEADER_BYTES", 32768, low=256, high=16 * 1024 * 1024
+            ),
         )
         settings.check_consistency()
         return settings
@@ -168,6 +181,11 @@ class Settings:
             # a delivery replayed within the signature tolerance must still be recognised
             raise SettingsError(
                 "DEDUPE_RETENTION_SECONDS", "must be longer than WEBHOOK_TOLERANCE_SECONDS"
+            )
+        if self.http_max_header_field_bytes > self.http_max_header_bytes:
+            # one header field could never reach its own limit
+            raise SettingsError(
+                "HTTP_MAX_HEADER_FIELD_BYTES", "must not exceed HTTP_MAX_HEADER_BYTES"
             )
 
     def check_serving(self) -> None:

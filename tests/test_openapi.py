@@ -134,3 +134,29 @@ async def test_the_webhooks_refusal_of_a_non_json_body_is_documented(client: Any
         assert resp.status == 415
         assert resp.content_type == "application/problem+json"
         assert "415" in doc["paths"][path]["post"]["responses"]
+
+
+async def test_every_operation_documents_the_answers_to_malformed_http(client: Any) -> None:
+    doc = await document(client)
+    problem = {"$ref": "#/components/schemas/Problem"}
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            for status in ("400", "414", "431"):
+                reply = operation["responses"].get(status)
+                assert reply is not None, (method, path, status)
+                assert reply["content"]["application/problem+json"]["schema"] == problem
+    # an operation's own 400 is kept, not replaced
+    webhook = doc["paths"]["/api/webhooks/image-completion"]["post"]["responses"]
+    assert webhook["400"]["description"] == "The body is not JSON"
+
+
+async def test_header_fields_together_over_the_limit_are_431_as_documented(
+    client: Any,
+) -> None:
+    # each under HTTP_MAX_HEADER_FIELD_BYTES, together over HTTP_MAX_HEADER_BYTES
+    padding = {f"X-Padding-{i}": "p" * 7000 for i in range(5)}
+    resp = await client.get("/healthz", headers=padding)
+    assert resp.status == 431
+    assert resp.headers["Connection"] == "close"
+    assert resp.content_type == "application/problem+json"
+    assert (await resp.json())["status"] == 431
