@@ -85,7 +85,7 @@ async def _preflight(request: web.Request) -> web.Response:
         hdrs.ACCESS_CONTROL_REQUEST_METHOD not in request.headers
     ):
         # not a preflight this gateway answers: what OPTIONS got before CORS existed
-        raise web.HTTPMethodNotAllowed(request.method, _with_head(methods))
+        raise web.HTTPMethodNotAllowed(request.method, methods)
     return web.Response(
         status=204,
         headers={
@@ -94,11 +94,6 @@ async def _preflight(request: web.Request) -> web.Response:
             hdrs.ACCESS_CONTROL_MAX_AGE: str(MAX_AGE_SECONDS),
         },
     )
-
-
-def _with_head(methods: tuple[str, ...]) -> tuple[str, ...]:
-    # aiohttp answers HEAD wherever it serves GET, and says so in Allow
-    return (*methods, hdrs.METH_HEAD) if hdrs.METH_GET in methods else methods
 
 
 async def _decorate(request: web.Request, response: web.StreamResponse) -> None:

@@ -77,7 +77,7 @@ class Authenticator:
             ) from None
 
     def _token(self, request: web.Request) -> tuple[str, str]:
-        """(where the token came from, the token or "" ); the header wins over the cookie."""
+        """(where the token came from, the token or ""); the header wins over the cookie."""
         header = request.headers.get("Authorization")
         if header is None and self.session_cookie and request.method in SESSION_COOKIE_METHODS:
             return "cookie", request.cookies.get(self.session_cookie, "").strip()
