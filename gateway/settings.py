@@ -6,6 +6,7 @@ import base64
 import binascii
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
@@ -93,6 +94,10 @@ class Settings:
     http_max_request_line_bytes: int = 8190
     http_max_header_field_bytes: int = 8190
     http_max_header_bytes: int = 32768
+    # browsers: the exact origins allowed to call the client API, and the cookie that
+    # authenticates GET routes (Clerk's `__session`; None: off)
+    cors_allowed_origins: tuple[str, ...] = ()
+    auth_session_cookie: str | None = "__session"
 
     @property
     def embedded(self) -> bool:
@@ -162,6 +167,8 @@ class Settings:
             http_max_header_bytes=p.integer(
                 "HTTP_MAX_HEADER_BYTES", 32768, low=256, high=16 * 1024 * 1024
             ),
+            cors_allowed_origins=p.origins("CORS_ALLOWED_ORIGINS"),
+            auth_session_cookie=p.cookie_name("AUTH_SESSION_COOKIE", "__session"),
         )
         settings.check_consistency()
         return settings
@@ -283,6 +290,36 @@ class _Parser:
             return ()
         return tuple(w.strip() for w in raw.split(sep) if w.strip())
 
+    def origins(self, name: str) -> tuple[str, ...]:
+        """Exact browser origins, as a browser writes them in its `Origin` header."""
+        found: list[str] = []
+        for word in self.words(name):
+            if "*" in word:
+                raise SettingsError(
+                    name, "must list exact origins: a wildcard cannot be allowed together "
+                    "with credentials (the bearer token and the session cookie)"
+                )
+            origin = _origin(word)
+            if origin is None:
+                raise SettingsError(
+                    name, f"{word[:80]!r} is not an origin like https://app.example.com "
+                    "(scheme and host, an optional port, no path)"
+                )
+            if origin not in found:
+                found.append(origin)
+        return tuple(found)
+
+    def cookie_name(self, name: str, default: str) -> str | None:
+        """A cookie's name; set and empty turns the feature off."""
+        if name not in self.env:
+            return default
+        value = self.env[name].strip()
+        if not value:
+            return None
+        if not _COOKIE_NAME.fullmatch(value):
+            raise SettingsError(name, f"{value[:80]!r} is not a valid cookie name")
+        return value
+
     def whsec_list(self, name: str) -> tuple[Secret, ...]:
         secrets = []
         for index, word in enumerate(self.words(name), start=1):
@@ -313,6 +350,29 @@ class _Parser:
 
 
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+# RFC 6265 cookie-name: an RFC 9110 token
+_COOKIE_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def _origin(text: str) -> str | None:
+    """`text` as the serialized origin a browser sends (lowercase, no default port), or None."""
+    try:
+        parts = urlsplit(text.removesuffix("/"))
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if (scheme not in _DEFAULT_PORTS or not host or parts.path or parts.query
+            or parts.fragment or parts.username is not None or text.endswith("//")):
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
 
 
 def parse_duration(text: str) -> float | None:

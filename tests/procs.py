@@ -19,7 +19,10 @@ import aiohttp
 from tests.conftest import HS256_SECRET, WEBHOOK_SECRET
 
 BASE_ENV_DROP = ("DATABASE_URL", "TEST_DATABASE_URL", "WEBHOOK_SECRETS", "AUTH_HS256_SECRET",
-                 "AUTH_JWKS_URL", "LEGACY_WEBHOOK_SECRET", "BACKEND_URL", "PORT", "HOST")
+                 "AUTH_JWKS_URL", "LEGACY_WEBHOOK_SECRET", "BACKEND_URL", "PORT", "HOST",
+                 "CORS_ALLOWED_ORIGINS", "AUTH_SESSION_COOKIE", "AUTH_AUTHORIZED_PARTIES",
+                 "HTTP_MAX_REQUEST_LINE_BYTES", "HTTP_MAX_HEADER_FIELD_BYTES",
+                 "HTTP_MAX_HEADER_BYTES")
 
 
 # Every process started here carries this session's mark in its environment (and so do its

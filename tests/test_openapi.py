@@ -79,15 +79,29 @@ async def test_bodies_are_the_schemas_the_handlers_decode_with(client: Any) -> N
     assert video["duration_seconds"]["minimum"] == 5
 
 
-async def test_client_routes_require_the_bearer_token(client: Any) -> None:
+async def test_client_routes_require_the_bearer_token_or_on_get_the_session_cookie(
+    client: Any,
+) -> None:
     doc = await document(client)
     for path, operations in doc["paths"].items():
-        for operation in operations.values():
+        for method, operation in operations.items():
             if path.startswith("/api/") and not path.startswith("/api/webhooks/"):
-                assert operation["security"] == [{"bearer": []}], path
+                cookie = [{"sessionCookie": []}] if method == "get" else []
+                assert operation["security"] == [{"bearer": []}, *cookie], (method, path)
                 assert "401" in operation["responses"], path
             else:
                 assert operation["security"] == [], path
+    scheme = doc["components"]["securitySchemes"]["sessionCookie"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "cookie", "__session")
+
+
+async def test_without_a_session_cookie_setting_only_the_bearer_scheme_is_documented(
+    make_settings: Any, aiohttp_client: Any
+) -> None:
+    client = await aiohttp_client(create_app(make_settings(auth_session_cookie=None)))
+    doc = await document(client)
+    assert list(doc["components"]["securitySchemes"]) == ["bearer"]
+    assert doc["paths"]["/api/jobs/{id}/events"]["get"]["security"] == [{"bearer": []}]
 
 
 async def test_query_parameters_come_from_the_query_schemas(client: Any) -> None:
