@@ -25,6 +25,7 @@ import asyncpg
 
 from gateway import embedded
 from gateway.settings import webhook_key
+from gateway.store.dsn import with_database
 from gateway.store.migrations import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +38,6 @@ JOB_ID_BASE = 1_000_000_000_000_000_000
 def server_url() -> str:
     """The PostgreSQL server the benchmarks create their databases on."""
     return os.environ.get("BENCH_DATABASE_URL", DEFAULT_SERVER_URL)
-
-
-def with_database(url: str, name: str) -> str:
-    head, _, tail = url.partition("?")
-    base = head.rsplit("/", 1)[0]
-    return f"{base}/{name}" + (f"?{tail}" if tail else "")
 
 
 @contextlib.asynccontextmanager
@@ -94,7 +89,15 @@ def cpu_model() -> str:
 
 
 async def machine_info() -> dict[str, Any]:
-    conn = await asyncpg.connect(server_url())
+    try:
+        conn = await asyncpg.connect(server_url(), timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise SystemExit(
+            f"bench: no PostgreSQL answers at BENCH_DATABASE_URL ({server_url()}): {exc}.\n"
+            "The benchmarks need a PostgreSQL server of their own that they reach over TCP "
+            "(pgbench and the servers they start connect to it), not the embedded one; set "
+            "BENCH_DATABASE_URL to a user allowed to create databases."
+        ) from None
     try:
         pg_version = await conn.fetchval("SHOW server_version")
         pg_settings = {

@@ -12,6 +12,7 @@ from gateway.deadlines import body_deadline_middleware
 from gateway.delivery import setup_delivery
 from gateway.events import setup_events
 from gateway.health import setup_health
+from gateway.malformed import handler_args, header_limit_middleware
 from gateway.metrics.exposition import setup_metrics
 from gateway.middleware import error_middleware
 from gateway.observability import setup_observability
@@ -22,8 +23,9 @@ from gateway.webhooks import setup_webhooks
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware, body_deadline_middleware],
+        middlewares=[error_middleware, header_limit_middleware, body_deadline_middleware],
         client_max_size=settings.request_max_body_bytes,
+        handler_args=handler_args(settings),
     )
     app[keys.SETTINGS] = settings
     setup_database(app)

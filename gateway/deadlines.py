@@ -23,6 +23,7 @@ from aiohttp.typedefs import Handler
 
 from gateway import keys
 from gateway.errors import ProblemError
+from gateway.malformed import HeadSoFar, ProblemRequestHandler
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +49,9 @@ class HeadDeadlineProtocol(asyncio.Protocol):
     Armed when the connection opens and when the first byte of a later request arrives;
     disarmed when a handler starts (the head is complete: `body_deadline_middleware`
     tells it). An idle kept-alive connection is left to aiohttp's keep-alive timeout.
+
+    It also counts the bytes of the head being read (`head_so_far`), which tell an
+    over-long request line from an over-long header field when the parser refuses one.
     """
 
     def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
@@ -57,6 +61,8 @@ class HeadDeadlineProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._in_request = False
         self._idle = False
+        # None once bytes arrive while a handler runs: a body, or a pipelined request
+        self._head: _HeadCount | None = _HeadCount()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one
@@ -68,7 +74,19 @@ class HeadDeadlineProtocol(asyncio.Protocol):
         if self._idle and data:
             self._idle = False
             self._arm()
+            self._head = _HeadCount()
+        elif self._in_request:
+            self._head = None
+        if self._head is not None:
+            self._head.add(data)
         self._inner.data_received(data)
+
+    def head_so_far(self) -> HeadSoFar | None:
+        """The request line's and the head's bytes so far; None when they are not known."""
+        head = self._head
+        if head is None:
+            return None
+        return HeadSoFar(request_line_bytes=head.line, received_bytes=head.received)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -114,13 +132,38 @@ class HeadDeadlineProtocol(asyncio.Protocol):
         transport.close()
 
 
+class _HeadCount:
+    """Bytes of one request head: all of them, and those of its first line."""
+
+    __slots__ = ("line", "line_done", "received")
+
+    def __init__(self) -> None:
+        self.line = 0
+        self.line_done = False
+        self.received = 0
+
+    def add(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.line_done:
+            return
+        end = data.find(b"\n")
+        if end < 0:
+            self.line += len(data)
+        else:
+            self.line_done = True
+            self.line += end
+            if end > 0 and data[end - 1] == 0x0D:  # CR
+                self.line -= 1
+
+
 def _peer(transport: asyncio.BaseTransport) -> str | None:
     peer = transport.get_extra_info("peername")
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
 
 
 class DeadlineSite(web.BaseSite):
-    """A TCP site whose connections get a request-head deadline."""
+    """A TCP site whose connections get a request-head deadline, and whose malformed
+    requests are answered as problems (`ProblemRequestHandler`)."""
 
     def __init__(
         self,
@@ -147,8 +190,14 @@ class DeadlineSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         timeout = self._head_timeout
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: HeadDeadlineProtocol(server(), timeout),
+        loop = asyncio.get_running_loop()
+        # what `server()` would build, with the gateway's handle_error; the keyword
+        # arguments are the runner's and the app's `handler_args` (the parser's limits)
+        handler_kwargs = server._kwargs
+        self._server = await loop.create_server(
+            lambda: HeadDeadlineProtocol(
+                ProblemRequestHandler(server, loop=loop, **handler_kwargs), timeout
+            ),
             self._host,
             self._port,
             backlog=self._backlog,

@@ -26,6 +26,8 @@ class ProblemError(GatewayError):
     status: ClassVar[int] = 500
     slug: ClassVar[str] = "internal-error"
     title: ClassVar[str] = "Internal Server Error"
+    # the connection is closed after the answer: what follows on it cannot be trusted
+    closes_connection: ClassVar[bool] = False
 
     def __init__(self, message: str | None = None, **extra: Any) -> None:
         super().__init__(message)
@@ -41,6 +43,15 @@ class BadRequest(ProblemError):
     status = 400
     slug = "bad-request"
     title = "Bad Request"
+
+
+class MalformedRequest(BadRequest):
+    """The request is not well-formed HTTP."""
+
+    closes_connection = True
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class Unauthorized(ProblemError):
@@ -80,6 +91,22 @@ class PayloadTooLarge(ProblemError):
     status = 413
     slug = "payload-too-large"
     title = "Payload Too Large"
+
+
+class UriTooLong(MalformedRequest):
+    """The request line is longer than the server accepts."""
+
+    status = 414
+    slug = "uri-too-long"
+    title = "URI Too Long"
+
+
+class HeaderFieldsTooLarge(MalformedRequest):
+    """The request's header fields are larger than the server accepts."""
+
+    status = 431
+    slug = "request-header-fields-too-large"
+    title = "Request Header Fields Too Large"
 
 
 class UnsupportedMediaType(ProblemError):

@@ -12,6 +12,7 @@ from gateway.store.database import Database
 if TYPE_CHECKING:
     # annotations only: these modules import the store, which imports this module
     from gateway.auth import Authenticator
+    from gateway.cors import Cors
     from gateway.delivery.dispatcher import Dispatcher
     from gateway.events import JobEventHub
     from gateway.metrics.database import DatabaseGauges
@@ -25,5 +26,6 @@ DATABASE_GAUGES: web.AppKey[DatabaseGauges] = web.AppKey("database_gauges")
 WEBHOOK_VERIFIER: web.AppKey[Verifier] = web.AppKey("webhook_verifier")
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
 JOB_EVENTS: web.AppKey[JobEventHub] = web.AppKey("job_events")
+CORS: web.AppKey[Cors] = web.AppKey("cors")
 # (method, path template) -> its documentation, filled by each setup_x that adds routes
 OPERATIONS: web.AppKey[dict[tuple[str, str], Operation]] = web.AppKey("operations")

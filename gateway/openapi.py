@@ -18,11 +18,13 @@ import msgspec
 from aiohttp import web
 
 from gateway import __version__, keys
+from gateway.auth import SESSION_COOKIE_METHODS
 from gateway.jobs.payload import WebhookPayload
 
 OPENAPI_VERSION: Final = "3.1.0"
 REF_TEMPLATE: Final = "#/components/schemas/{name}"
 PROBLEM_JSON: Final = "application/problem+json"
+SESSION_SCHEME: Final = "sessionCookie"
 
 
 class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -84,6 +86,17 @@ NOT_FOUND = problem(404, "No such resource, or not the caller's (the same answer
 UNAVAILABLE = problem(503, "The database or the identity provider is unavailable.",
                       "Retry-After")
 
+# every route: what the server answers before any handler runs (see gateway.malformed)
+MALFORMED_REPLIES: Final = (
+    problem(400, "The request is not well-formed HTTP (method, version, header characters, "
+                 "chunked or content coding of the body); the connection is closed"),
+    problem(414, "The request line is longer than HTTP_MAX_REQUEST_LINE_BYTES; the connection "
+                 "is closed"),
+    problem(431, "A header field is longer than HTTP_MAX_HEADER_FIELD_BYTES, there are more "
+                 "than 128, or together they are over HTTP_MAX_HEADER_BYTES; the connection is "
+                 "closed"),
+)
+
 _HEADER_DOCS: Final = {
     "WWW-Authenticate": "`Bearer`",
     "Retry-After": "seconds to wait before retrying",
@@ -99,11 +112,12 @@ def register(app: web.Application, operations: Iterable[Operation]) -> None:
 
 
 def served_routes(app: web.Application) -> list[tuple[str, str]]:
-    """(method, path template) of every route served, HEAD counted with its GET."""
+    """(method, path template) of every route served, HEAD counted with its GET, and the
+    CORS preflights (OPTIONS) left to the CORS specification."""
     found = []
     for route in app.router.routes():
         path = route.resource.canonical if route.resource is not None else ""
-        if route.method == "HEAD":
+        if route.method in ("HEAD", "OPTIONS"):
             continue
         found.append((route.method.upper(), path))
     return found
@@ -120,11 +134,23 @@ def build_document(app: web.Application) -> dict[str, Any]:
     types = _schema_types(operations)
     schemas, components = msgspec.json.schema_components(types, ref_template=REF_TEMPLATE)
     ref = dict(zip(types, schemas, strict=True))
+    cookie = app[keys.SETTINGS].auth_session_cookie
     paths: dict[str, dict[str, Any]] = {}
     for operation in operations:
         paths.setdefault(operation.path, {})[operation.method.lower()] = _operation(
-            operation, ref
+            operation, ref, session_cookie=cookie is not None
         )
+    security_schemes: dict[str, Any] = {
+        "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+    }
+    if cookie is not None:
+        security_schemes[SESSION_SCHEME] = {
+            "type": "apiKey",
+            "in": "cookie",
+            "name": cookie,
+            "description": "The session JWT (Clerk's), verified like the bearer token; "
+            "accepted on GET routes when there is no Authorization header.",
+        }
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -138,9 +164,7 @@ def build_document(app: web.Application) -> dict[str, Any]:
         "paths": dict(sorted(paths.items())),
         "components": {
             "schemas": components,
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
-            },
+            "securitySchemes": security_schemes,
         },
     }
 
@@ -150,7 +174,7 @@ def _schema_types(operations: list[Operation]) -> list[Any]:
     for operation in operations:
         if operation.body is not None:
             seen[operation.body] = None
-        for reply in operation.replies:
+        for reply in _replies(operation):
             if reply.schema is not None:
                 seen[reply.schema] = None
         if operation.query is not None:
@@ -161,7 +185,9 @@ def _schema_types(operations: list[Operation]) -> list[Any]:
     return list(seen)
 
 
-def _operation(operation: Operation, ref: dict[Any, Any]) -> dict[str, Any]:
+def _operation(
+    operation: Operation, ref: dict[Any, Any], *, session_cookie: bool
+) -> dict[str, Any]:
     parameters: list[dict[str, Any]] = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
         for name in _path_parameters(operation.path)
@@ -186,7 +212,7 @@ def _operation(operation: Operation, ref: dict[Any, Any]) -> dict[str, Any]:
         "operationId": operation.operation_id,
         "summary": operation.summary,
         "tags": [operation.tag],
-        "responses": {str(r.status): _reply(r, ref) for r in operation.replies},
+        "responses": {str(r.status): _reply(r, ref) for r in _replies(operation)},
     }
     if operation.description:
         spec["description"] = operation.description
@@ -197,8 +223,17 @@ def _operation(operation: Operation, ref: dict[Any, Any]) -> dict[str, Any]:
             "required": operation.body_required,
             "content": {"application/json": {"schema": ref[operation.body]}},
         }
-    spec["security"] = [{"bearer": []}] if operation.bearer else []
+    security: list[dict[str, list[str]]] = [{"bearer": []}] if operation.bearer else []
+    if operation.bearer and session_cookie and operation.method in SESSION_COOKIE_METHODS:
+        security.append({SESSION_SCHEME: []})
+    spec["security"] = security
     return spec
+
+
+def _replies(operation: Operation) -> tuple[Reply, ...]:
+    """The operation's own answers, then the malformed-request answers it does not name."""
+    own = {reply.status for reply in operation.replies}
+    return (*operation.replies, *(r for r in MALFORMED_REPLIES if r.status not in own))
 
 
 def _reply(reply: Reply, ref: dict[Any, Any]) -> dict[str, Any]:

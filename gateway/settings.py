@@ -6,12 +6,14 @@ import base64
 import binascii
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
 from gateway.errors import GatewayError
+from gateway.store.dsn import DatabaseURL, InvalidDatabaseURL
 
 DEFAULT_RETRY_SCHEDULE: Final = (5.0, 30.0, 120.0, 600.0, 1800.0, 7200.0)
 
@@ -88,6 +90,14 @@ class Settings:
     dedupe_retention_seconds: int = 7 * 86400
     # the reconciler's audit rows that no orphan needs any more are kept this long
     reconcile_audit_retention_seconds: int = 30 * 86400
+    # a request head over these is refused (414 / 431) before any handler runs
+    http_max_request_line_bytes: int = 8190
+    http_max_header_field_bytes: int = 8190
+    http_max_header_bytes: int = 32768
+    # browsers: the exact origins allowed to call the client API, and the cookie that
+    # authenticates GET routes (Clerk's `__session`; None: off)
+    cors_allowed_origins: tuple[str, ...] = ()
+    auth_session_cookie: str | None = "__session"
 
     @property
     def embedded(self) -> bool:
@@ -148,6 +158,17 @@ class Settings:
             reconcile_audit_retention_seconds=p.integer(
                 "RECONCILE_AUDIT_RETENTION_SECONDS", 30 * 86400, low=3600
             ),
+            http_max_request_line_bytes=p.integer(
+                "HTTP_MAX_REQUEST_LINE_BYTES", 8190, low=256, high=1024 * 1024
+            ),
+            http_max_header_field_bytes=p.integer(
+                "HTTP_MAX_HEADER_FIELD_BYTES", 8190, low=256, high=1024 * 1024
+            ),
+            http_max_header_bytes=p.integer(
+                "HTTP_MAX_HEADER_BYTES", 32768, low=256, high=16 * 1024 * 1024
+            ),
+            cors_allowed_origins=p.origins("CORS_ALLOWED_ORIGINS"),
+            auth_session_cookie=p.cookie_name("AUTH_SESSION_COOKIE", "__session"),
         )
         settings.check_consistency()
         return settings
@@ -167,6 +188,11 @@ class Settings:
             # a delivery replayed within the signature tolerance must still be recognised
             raise SettingsError(
                 "DEDUPE_RETENTION_SECONDS", "must be longer than WEBHOOK_TOLERANCE_SECONDS"
+            )
+        if self.http_max_header_field_bytes > self.http_max_header_bytes:
+            # one header field could never reach its own limit
+            raise SettingsError(
+                "HTTP_MAX_HEADER_FIELD_BYTES", "must not exceed HTTP_MAX_HEADER_BYTES"
             )
 
     def check_serving(self) -> None:
@@ -189,9 +215,10 @@ def webhook_key(secret: str) -> bytes:
 
 
 def _check_postgres_url(value: str) -> str | None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("postgres", "postgresql"):
-        return "must be a postgresql:// URL"
+    try:
+        DatabaseURL.parse(value)
+    except InvalidDatabaseURL as exc:
+        return str(exc)
     return None
 
 
@@ -263,6 +290,36 @@ class _Parser:
             return ()
         return tuple(w.strip() for w in raw.split(sep) if w.strip())
 
+    def origins(self, name: str) -> tuple[str, ...]:
+        """Exact browser origins, as a browser writes them in its `Origin` header."""
+        found: list[str] = []
+        for word in self.words(name):
+            if "*" in word:
+                raise SettingsError(
+                    name, "must list exact origins: a wildcard cannot be allowed together "
+                    "with credentials (the bearer token and the session cookie)"
+                )
+            origin = _origin(word)
+            if origin is None:
+                raise SettingsError(
+                    name, f"{word[:80]!r} is not an origin like https://app.example.com "
+                    "(scheme and host, an optional port, no path)"
+                )
+            if origin not in found:
+                found.append(origin)
+        return tuple(found)
+
+    def cookie_name(self, name: str, default: str) -> str | None:
+        """A cookie's name; set and empty turns the feature off."""
+        if name not in self.env:
+            return default
+        value = self.env[name].strip()
+        if not value:
+            return None
+        if not _COOKIE_NAME.fullmatch(value):
+            raise SettingsError(name, f"{value[:80]!r} is not a valid cookie name")
+        return value
+
     def whsec_list(self, name: str) -> tuple[Secret, ...]:
         secrets = []
         for index, word in enumerate(self.words(name), start=1):
@@ -293,6 +350,29 @@ class _Parser:
 
 
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+# RFC 6265 cookie-name: an RFC 9110 token
+_COOKIE_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def _origin(text: str) -> str | None:
+    """`text` as the serialized origin a browser sends (lowercase, no default port), or None."""
+    try:
+        parts = urlsplit(text.removesuffix("/"))
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if (scheme not in _DEFAULT_PORTS or not host or parts.path or parts.query
+            or parts.fragment or parts.username is not None or text.endswith("//")):
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
 
 
 def parse_duration(text: str) -> float | None:

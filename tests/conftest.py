@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -19,9 +22,40 @@ WEBHOOK_SECRET = "whsec_" + base64.b64encode(WEBHOOK_KEY).decode()
 HS256_SECRET = "sorami-test-hs256-secret-that-is-long-enough"
 
 
+@pytest.fixture(autouse=True)
+def _stop_what_the_test_started() -> Iterator[None]:
+    """A process a test started is stopped when the test ends, whether it passed or not."""
+    from tests import procs  # it imports this module's secrets
+
+    first = len(procs.STARTED)
+    yield
+    for proc in procs.STARTED[first:]:
+        proc.stop()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the run if anything it started outlived it (after every fixture's teardown)."""
+    from tests import procs
+
+    left = procs.still_running()
+    if not left:
+        return
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        for pid, command in left:
+            reporter.write_line(f"left running by the tests (now killed): {pid} {command}",
+                                red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
-def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
-    with admin_dsn(tmp_path_factory.mktemp("embedded-pg")) as admin:
+def databases() -> Iterator[Databases]:
+    with admin_dsn() as admin:
         dbs = Databases(admin)
         asyncio.run(dbs.create_template())
         try:

@@ -9,20 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from gateway.store.dsn import database_name, with_database
 from gateway.store.migrations import migrate
 
-
-def with_database(dsn: str, name: str) -> str:
-    """The same server, another database."""
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path="/" + name))
+__all__ = ["Databases", "admin_dsn", "database_name", "refusing_connections", "with_database"]
 
 
 async def _answers(dsn: str) -> bool:
@@ -44,7 +41,7 @@ def external_dsn() -> str | None:
 
 
 @contextlib.contextmanager
-def admin_dsn(scratch: Path) -> Iterator[str]:
+def admin_dsn() -> Iterator[str]:
     """A DSN with the right to create databases, for the whole session."""
     dsn = external_dsn()
     if dsn is not None:
@@ -52,8 +49,32 @@ def admin_dsn(scratch: Path) -> Iterator[str]:
         return
     from gateway.embedded import embedded_postgres
 
-    with embedded_postgres(scratch) as embedded:
+    # not under pytest's basetemp: another pytest session of the same user prunes old
+    # basetemps, and with them the data directory of a server still running here
+    with tempfile.TemporaryDirectory(prefix="sorami-test-pg-") as scratch, \
+            embedded_postgres(Path(scratch)) as embedded:
         yield embedded
+
+
+@contextlib.asynccontextmanager
+async def refusing_connections(dsn: str) -> AsyncIterator[None]:
+    """Inside the block the database of `dsn` refuses new connections and has lost its open
+    ones, as when it goes down; after it, it takes connections again."""
+    name = database_name(dsn)
+    admin = await asyncpg.connect(with_database(dsn, "postgres"))
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            yield
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    finally:
+        await admin.close()
 
 
 class Databases:
@@ -85,7 +106,7 @@ class Databases:
         return with_database(self.admin, name)
 
     async def drop(self, dsn: str) -> None:
-        name = urlsplit(dsn).path.lstrip("/")
+        name = database_name(dsn)
         await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     async def drop_template(self) -> None:

@@ -10,14 +10,26 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 
 import aiohttp
 
 from tests.conftest import HS256_SECRET, WEBHOOK_SECRET
 
 BASE_ENV_DROP = ("DATABASE_URL", "TEST_DATABASE_URL", "WEBHOOK_SECRETS", "AUTH_HS256_SECRET",
-                 "AUTH_JWKS_URL", "LEGACY_WEBHOOK_SECRET", "BACKEND_URL", "PORT", "HOST")
+                 "AUTH_JWKS_URL", "LEGACY_WEBHOOK_SECRET", "BACKEND_URL", "PORT", "HOST",
+                 "CORS_ALLOWED_ORIGINS", "AUTH_SESSION_COOKIE", "AUTH_AUTHORIZED_PARTIES",
+                 "HTTP_MAX_REQUEST_LINE_BYTES", "HTTP_MAX_HEADER_FIELD_BYTES",
+                 "HTTP_MAX_HEADER_BYTES")
+
+
+# Every process started here carries this session's mark in its environment (and so do its
+# children), so that what a test leaves running can be found and stopped.
+SESSION_MARK = "SORAMI_TEST_SESSION"
+SESSION_ID = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+STARTED: list[Proc] = []
 
 
 def free_port() -> int:
@@ -45,10 +57,11 @@ class Proc:
     def __init__(self, args: list[str], env: Mapping[str, str]) -> None:
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "gateway", *args],
-            env=dict(env),
+            env={**env, SESSION_MARK: SESSION_ID},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+        STARTED.append(self)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -82,6 +95,25 @@ class Proc:
         if self.popen.stderr is not None:
             self.popen.stderr.close()
         return self.popen.returncode, self.stderr
+
+
+def still_running() -> list[tuple[int, str]]:
+    """(pid, command line) of every live process that this session started, children too."""
+    found = []
+    mark = f"{SESSION_MARK}={SESSION_ID}".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        if int(entry.name) == os.getpid():
+            continue
+        try:
+            if mark not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            status = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if status != "Z":
+            found.append((int(entry.name), command))
+    return found
 
 
 def start(args: list[str], env: Mapping[str, str]) -> Proc:

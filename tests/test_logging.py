@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import asyncpg
 import jwt
 import structlog
 from aiohttp import web
@@ -22,7 +21,7 @@ from gateway.jobs.prompts import fingerprint
 from gateway.logging import REDACTED, redact_secrets, summarize_prompts
 from gateway.observability import REQUEST_ID_HEADER, bind_context
 from tests.conftest import HS256_SECRET, WEBHOOK_SECRET
-from tests.pg import with_database
+from tests.pg import refusing_connections
 from tests.procs import Proc, clean_env, free_port, start, wait_ready
 
 Client = TestClient[web.Request, web.Application]
@@ -245,24 +244,15 @@ async def test_lines_logged_while_handling_a_request_carry_its_id(
 ) -> None:
     port = free_port()
     proc = serve(database_url, port)
-    name = database_url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(with_database(database_url, "postgres"))
     try:
         await wait_ready(port)
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()",
-            name,
-        )
-        async with aiohttp.ClientSession() as session, session.get(
-            f"http://127.0.0.1:{port}/metrics", headers={REQUEST_ID_HEADER: "req-scrape"}
-        ) as resp:
-            assert resp.status == 200
-        await proc.wait_log('"request_id": "req-scrape"')
+        async with refusing_connections(database_url):
+            async with aiohttp.ClientSession() as session, session.get(
+                f"http://127.0.0.1:{port}/metrics", headers={REQUEST_ID_HEADER: "req-scrape"}
+            ) as resp:
+                assert resp.status == 200
+            await proc.wait_log('"request_id": "req-scrape"')
     finally:
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        await admin.close()
         code, err = proc.stop()
     assert code == 0, err
     during = {line["event"] for line in json_lines(err) if line.get("request_id") == "req-scrape"}

@@ -6,7 +6,6 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -19,7 +18,7 @@ from gateway.settings import Settings
 from gateway.store import Database, orphans, outbox
 from tests.factories import insert_job
 from tests.metrics_helpers import Scrape, needs_promtool, promtool_check_metrics
-from tests.pg import with_database
+from tests.pg import refusing_connections
 
 Client = TestClient[web.Request, web.Application]
 DURATION = "sorami_http_request_duration_seconds_count"
@@ -252,20 +251,9 @@ async def test_metrics_answer_without_the_database(
     database_url: str, db: Database, client: Client
 ) -> None:
     await insert_job(db, status=Status.QUEUED)
-    name = database_url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(with_database(database_url, "postgres"))
-    try:
-        # the pool is open (the app started); now the database stops taking connections
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()",
-            name,
-        )
+    # the pool is open (the app started); now the database stops taking connections
+    async with refusing_connections(database_url):
         found = await scrape(client)
-    finally:
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        await admin.close()
     assert found.value("sorami_database_up") == 0
     assert "sorami_jobs" not in found.families
     assert "sorami_outbox_due" not in found.families

@@ -79,15 +79,29 @@ async def test_bodies_are_the_schemas_the_handlers_decode_with(client: Any) -> N
     assert video["duration_seconds"]["minimum"] == 5
 
 
-async def test_client_routes_require_the_bearer_token(client: Any) -> None:
+async def test_client_routes_require_the_bearer_token_or_on_get_the_session_cookie(
+    client: Any,
+) -> None:
     doc = await document(client)
     for path, operations in doc["paths"].items():
-        for operation in operations.values():
+        for method, operation in operations.items():
             if path.startswith("/api/") and not path.startswith("/api/webhooks/"):
-                assert operation["security"] == [{"bearer": []}], path
+                cookie = [{"sessionCookie": []}] if method == "get" else []
+                assert operation["security"] == [{"bearer": []}, *cookie], (method, path)
                 assert "401" in operation["responses"], path
             else:
                 assert operation["security"] == [], path
+    scheme = doc["components"]["securitySchemes"]["sessionCookie"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "cookie", "__session")
+
+
+async def test_without_a_session_cookie_setting_only_the_bearer_scheme_is_documented(
+    make_settings: Any, aiohttp_client: Any
+) -> None:
+    client = await aiohttp_client(create_app(make_settings(auth_session_cookie=None)))
+    doc = await document(client)
+    assert list(doc["components"]["securitySchemes"]) == ["bearer"]
+    assert doc["paths"]["/api/jobs/{id}/events"]["get"]["security"] == [{"bearer": []}]
 
 
 async def test_query_parameters_come_from_the_query_schemas(client: Any) -> None:
@@ -134,3 +148,29 @@ async def test_the_webhooks_refusal_of_a_non_json_body_is_documented(client: Any
         assert resp.status == 415
         assert resp.content_type == "application/problem+json"
         assert "415" in doc["paths"][path]["post"]["responses"]
+
+
+async def test_every_operation_documents_the_answers_to_malformed_http(client: Any) -> None:
+    doc = await document(client)
+    problem = {"$ref": "#/components/schemas/Problem"}
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            for status in ("400", "414", "431"):
+                reply = operation["responses"].get(status)
+                assert reply is not None, (method, path, status)
+                assert reply["content"]["application/problem+json"]["schema"] == problem
+    # an operation's own 400 is kept, not replaced
+    webhook = doc["paths"]["/api/webhooks/image-completion"]["post"]["responses"]
+    assert webhook["400"]["description"] == "The body is not JSON"
+
+
+async def test_header_fields_together_over_the_limit_are_431_as_documented(
+    client: Any,
+) -> None:
+    # each under HTTP_MAX_HEADER_FIELD_BYTES, together over HTTP_MAX_HEADER_BYTES
+    padding = {f"X-Padding-{i}": "p" * 7000 for i in range(5)}
+    resp = await client.get("/healthz", headers=padding)
+    assert resp.status == 431
+    assert resp.headers["Connection"] == "close"
+    assert resp.content_type == "application/problem+json"
+    assert (await resp.json())["status"] == 431

@@ -6,7 +6,6 @@ import configparser
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,7 @@ import pytest
 import yaml
 
 from reconcile.cli import _parser
-
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+from tests.deployment import DEPLOY, KUBERNETES, SCRIPTS
 
 
 def unit(name: str) -> configparser.ConfigParser:
@@ -28,7 +24,7 @@ def unit(name: str) -> configparser.ConfigParser:
 
 
 def cronjob() -> Any:
-    return yaml.safe_load((DEPLOY / "kubernetes" / "reconcile-cronjob.yaml").read_text())
+    return yaml.safe_load((KUBERNETES / "base" / "reconcile-cronjob.yaml").read_text())
 
 
 def test_the_cronjob_runs_one_pass_every_5_minutes_never_overlapping() -> None:

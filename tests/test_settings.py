@@ -23,6 +23,24 @@ def test_read_deadlines_come_from_the_environment() -> None:
     assert (s.http_header_timeout_seconds, s.http_body_timeout_seconds) == (5.0, 2.5)
 
 
+def test_request_head_limits_default_to_aiohttps_and_come_from_the_environment() -> None:
+    s = Settings.from_env({})
+    assert (s.http_max_request_line_bytes, s.http_max_header_field_bytes,
+            s.http_max_header_bytes) == (8190, 8190, 32768)
+    s = Settings.from_env({"HTTP_MAX_REQUEST_LINE_BYTES": "4096",
+                           "HTTP_MAX_HEADER_FIELD_BYTES": "16384",
+                           "HTTP_MAX_HEADER_BYTES": "65536"})
+    assert (s.http_max_request_line_bytes, s.http_max_header_field_bytes,
+            s.http_max_header_bytes) == (4096, 16384, 65536)
+
+
+def test_a_header_field_limit_over_the_header_block_limit_is_refused() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"HTTP_MAX_HEADER_FIELD_BYTES": "20000",
+                           "HTTP_MAX_HEADER_BYTES": "10000"})
+    assert raised.value.variable == "HTTP_MAX_HEADER_FIELD_BYTES"
+
+
 def test_every_contract_variable_is_read() -> None:
     s = Settings.from_env(
         {
@@ -66,6 +84,9 @@ def test_every_contract_variable_is_read() -> None:
         ("LOG_LEVEL", "loud"),
         ("HTTP_HEADER_TIMEOUT_SECONDS", "0"),
         ("HTTP_BODY_TIMEOUT_SECONDS", "soon"),
+        ("HTTP_MAX_REQUEST_LINE_BYTES", "100"),
+        ("HTTP_MAX_HEADER_FIELD_BYTES", "8k"),
+        ("HTTP_MAX_HEADER_BYTES", "-1"),
     ],
 )
 def test_malformed_value_names_the_variable(variable: str, value: str) -> None:

@@ -8,7 +8,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aiohttp
 import pytest
@@ -17,6 +16,7 @@ import structlog
 from gateway.app import create_app
 from gateway.settings import Secret, Settings
 from gateway.store import Database
+from gateway.store.dsn import DatabaseURL
 from tests.conftest import WEBHOOK_KEY
 from tests.factories import insert_job
 from tests.signing import signed
@@ -94,21 +94,17 @@ class Proxy:
     """A TCP relay to PostgreSQL that the test can cut, as a network failure would."""
 
     def __init__(self, dsn: str) -> None:
-        parts = urlsplit(dsn)
-        socket_dir = parse_qs(parts.query).get("host", [None])[0]
-        self._unix = f"{socket_dir}/.s.PGSQL.{parts.port or 5432}" if socket_dir else None
-        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
-        self._dsn = parts
+        self._url = DatabaseURL.parse(dsn)
+        socket_dir = self._url.socket_directory
+        self._unix = f"{socket_dir}/.s.PGSQL.{self._url.port}" if socket_dir else None
+        self._target = (self._url.host or "127.0.0.1", self._url.port)
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.StreamWriter] = set()
         self.port = 0
 
     @property
     def dsn(self) -> str:
-        user = self._dsn.username or "postgres"
-        password = f":{self._dsn.password}" if self._dsn.password else ""
-        return urlunsplit(("postgresql", f"{user}{password}@127.0.0.1:{self.port}",
-                           self._dsn.path, "", ""))
+        return str(self._url.with_tcp_address("127.0.0.1", self.port))
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)

@@ -1,4 +1,5 @@
-"""The client API (`/api/...`, bearer JWT): one table that both registers and documents it.
+"""The client API (`/api/...`, bearer JWT or session cookie): one table that both registers
+and documents it.
 
 Each row pairs a handler with its `Operation` (what it takes and answers, as msgspec types);
 `setup_api` adds the routes and their descriptions from the same rows, so `/openapi.json`
@@ -30,6 +31,7 @@ from gateway.api.schemas import (
     VideoGallery,
     VideoResult,
 )
+from gateway.cors import setup_cors
 from gateway.jobs.kinds import Kind
 from gateway.openapi import (
     NOT_FOUND,
@@ -180,3 +182,4 @@ def setup_api(app: web.Application) -> None:
     for route in table:
         app.router.add_route(route.operation.method, route.operation.path, route.handler)
     register(app, (route.operation for route in table))
+    setup_cors(app, (route.operation.key for route in table))

@@ -1,10 +1,11 @@
 """`GET /api/jobs/{id}/events`: a job's live status as Server-Sent Events.
 
 The current state at once (event id = the job's `seq`), then every change until a terminal
-status, after which the stream ends. A reconnecting client sends `Last-Event-ID` and gets
-every change after it from `job_events`; one that already saw the final state gets 204,
-which tells an EventSource to stop reconnecting. A comment line every `heartbeat_seconds`
-keeps proxies from closing an idle stream and notices a client that went away.
+status, sent as an event of type `end`, after which the stream ends. A reconnecting client
+sends `Last-Event-ID` and gets every change after it from `job_events`; one that already saw
+the final state gets 204, which tells an EventSource to stop reconnecting. A comment line
+every `heartbeat_seconds` keeps proxies from closing an idle stream and notices a client that
+went away.
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ log = structlog.get_logger(__name__)
 
 HEARTBEAT: Final = b": keep-alive\n\n"
 RETRY_MILLISECONDS: Final = 3000
+# an EventSource delivers it to `addEventListener("end", ...)` rather than `onmessage`
+END_EVENT: Final = b"event: end\n"
 
 _encode = msgspec.json.Encoder().encode
 
 
 def format_event(event: JobEvent) -> bytes:
-    return b"id: %d\ndata: %s\n\n" % (event.seq, _encode(event))
+    """One SSE event; the terminal status is typed `end`, so that a page can tell it apart."""
+    kind = END_EVENT if event.status.terminal else b""
+    return b"%sid: %d\ndata: %s\n\n" % (kind, event.seq, _encode(event))
 
 
 def _last_event_id(request: web.Request) -> int | None:

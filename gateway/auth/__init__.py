@@ -1,14 +1,20 @@
-"""Who is calling the client API: `Authorization: Bearer <JWT>` verified once per request.
+"""Who is calling the client API: a JWT verified once per request.
 
+The token is the `Authorization: Bearer` header's; on `GET` routes without that header, it
+is the session cookie's (`AUTH_SESSION_COOKIE`, Clerk's `__session`), so that a browser's
+EventSource, which cannot send headers, can follow a job. Routes that change something never
+read the cookie: a page from another site can make a browser send it, not the header.
 `setup_auth(app)` picks the verifier from the settings: a JWKS (RS256/ES256, e.g. Clerk) with
-its own aiohttp ClientSession, or an HS256 secret for development. Every failure is the same
-401 with `WWW-Authenticate: Bearer`, whatever the cause; the cause is only logged.
+its own aiohttp ClientSession, or an HS256 secret for development. Either token is verified
+the same way. Every failure is the same 401 with `WWW-Authenticate: Bearer`, whatever the
+cause; the cause is only logged.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Final
 
 import aiohttp
 import jwt
@@ -30,6 +36,7 @@ from gateway.errors import ServiceUnavailable, Unauthorized
 from gateway.settings import Settings, SettingsError
 
 __all__ = [
+    "SESSION_COOKIE_METHODS",
     "Authenticator",
     "Principal",
     "authenticate",
@@ -43,30 +50,39 @@ log = structlog.get_logger(__name__)
 
 # The one answer to every authentication failure, so that none tells a cause apart.
 UNAUTHORIZED_MESSAGE = "A valid bearer token is required."
+# the methods whose routes change nothing, and so may be authenticated by the session cookie
+SESSION_COOKIE_METHODS: Final = frozenset({"GET", "HEAD"})
 
 
 class Authenticator:
-    """Turns a request's Authorization header into a Principal, or the one 401."""
+    """Turns a request's bearer token (or session cookie) into a Principal, or the one 401."""
 
-    def __init__(self, verifier: Verifier) -> None:
+    def __init__(self, verifier: Verifier, *, session_cookie: str | None = None) -> None:
         self.verifier = verifier
+        self.session_cookie = session_cookie
 
     async def authenticate(self, request: web.Request) -> Principal:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
+        source, token = self._token(request)
         try:
-            if scheme.lower() != "bearer" or not token:
+            if not token:
                 raise InvalidToken("missing")
             return await self.verifier.verify(token)
         except InvalidToken as exc:
-            log.info("auth_rejected", reason=exc.reason, path=request.path)
+            log.info("auth_rejected", reason=exc.reason, source=source, path=request.path)
             raise Unauthorized(UNAUTHORIZED_MESSAGE, scheme="Bearer") from None
         except JWKSUnavailable:
             log.warning("auth_keys_unavailable", path=request.path)
             raise ServiceUnavailable(
                 "The identity provider's keys cannot be fetched; retry later.", retry_after=30
             ) from None
+
+    def _token(self, request: web.Request) -> tuple[str, str]:
+        """(where the token came from, the token or ""); the header wins over the cookie."""
+        header = request.headers.get("Authorization")
+        if header is None and self.session_cookie and request.method in SESSION_COOKIE_METHODS:
+            return "cookie", request.cookies.get(self.session_cookie, "").strip()
+        scheme, _, token = (header or "").partition(" ")
+        return "header", token.strip() if scheme.lower() == "bearer" else ""
 
 
 def rules_from(settings: Settings) -> ClaimRules:
@@ -88,7 +104,8 @@ def setup_auth(app: web.Application) -> None:
                 headers={"User-Agent": "sorami-gateway"}, raise_for_status=False
             ) as session:
                 app[keys.AUTH] = Authenticator(
-                    JWKSVerifier(JWKSCache(session, settings.auth_jwks_url), rules)
+                    JWKSVerifier(JWKSCache(session, settings.auth_jwks_url), rules),
+                    session_cookie=settings.auth_session_cookie,
                 )
                 yield
             return
@@ -97,7 +114,7 @@ def setup_auth(app: web.Application) -> None:
         else:
             log.warning("auth_not_configured")
             verifier = RejectAll()
-        app[keys.AUTH] = Authenticator(verifier)
+        app[keys.AUTH] = Authenticator(verifier, session_cookie=settings.auth_session_cookie)
         yield
 
     app.cleanup_ctx.append(auth_ctx)

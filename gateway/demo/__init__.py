@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from rich.console import Console
@@ -20,6 +19,7 @@ from rich.console import Console
 from gateway.demo.console import Demo
 from gateway.demo.scenario import DEMO_DATABASE
 from gateway.embedded import embedded_postgres
+from gateway.store.dsn import with_database
 from gateway.store.migrations import migrate
 
 
@@ -31,7 +31,7 @@ async def fresh_database(admin_dsn: str) -> str:
         await conn.execute(f"CREATE DATABASE {DEMO_DATABASE}")
     finally:
         await conn.close()
-    dsn = urlunsplit(urlsplit(admin_dsn)._replace(path="/" + DEMO_DATABASE))
+    dsn = with_database(admin_dsn, DEMO_DATABASE)
     await migrate(dsn)
     return dsn
 

@@ -12,13 +12,22 @@ requests are signed as the backend signs them so that their payloads reach valid
 The document is built at import time from the same factory `serve` uses, since pytest
 collects one test per operation before any server runs; the fixture then checks that the
 running server serves exactly this document, so what is tested is what is served.
+
+What is generated depends only on the seed, never on luck: a fixed one by default (what CI
+runs every time), today's date with `SORAMI_SCHEMATHESIS_SEED=date` (a second CI run that
+looks further each day), or the number given there to replay a run. A failure names its
+seed. Requests over the server's head limits are not left to chance either: every operation
+gets an over-long request line, an over-long header field and too large a header block,
+and must answer them as documented.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +51,22 @@ from tests.tokens import hs256_token
 
 # bounded for CI: examples per operation and generation mode, besides the coverage phase's
 MAX_EXAMPLES = 50
+FIXED_SEED = 24_601
+
+
+def _seed(choice: str | None) -> int:
+    """The run's seed: fixed unless SORAMI_SCHEMATHESIS_SEED says `date` or a number."""
+    if not choice:
+        return FIXED_SEED
+    if choice == "date":
+        return int(datetime.datetime.now(datetime.UTC).strftime("%Y%m%d"))
+    if not choice.isdigit():
+        raise ValueError(f"SORAMI_SCHEMATHESIS_SEED must be `date` or a number, got {choice!r}")
+    return int(choice)
+
+
+SEED = _seed(os.environ.get("SORAMI_SCHEMATHESIS_SEED", "").strip())
+REPLAY = f"schemathesis seed {SEED}: replay with SORAMI_SCHEMATHESIS_SEED={SEED}"
 CHECKS = (
     "not_a_server_error",
     "status_code_conformance",
@@ -71,7 +96,9 @@ CONFIG = schemathesis.Config.from_dict({
     # the token goes where the document's `bearer` scheme says, so schemathesis also sends
     # requests without it (ignored_auth, negative cases) and knows when it left it out
     "auth": {"openapi": {"bearer": {"bearer": TOKEN}}},
-    "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "deterministic": True},
+    # the seed alone decides what is generated: no example database replays earlier runs
+    "seed": SEED,
+    "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "database": "none"},
     "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True},
                "fuzzing": {"enabled": True}, "stateful": {"enabled": False}},
     "checks": {
@@ -79,9 +106,10 @@ CONFIG = schemathesis.Config.from_dict({
         **{name: {"enabled": True} for name in CHECKS},
         # schemathesis's default list of refusals lacks 413, the documented answer of a body
         # over the size limit (a negative case can be a very long body)
+        # 414 and 431: a negative case can be a very long query or header
         "negative_data_rejection": {"enabled": True, "expected-statuses": [
-            "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428",
-            "429", "5xx"]},
+            "400", "401", "403", "404", "405", "406", "409", "413", "414", "415", "422",
+            "428", "429", "431", "5xx"]},
     },
     "request-timeout": 10,
 })
@@ -137,8 +165,10 @@ def gateway_url(databases: Databases) -> Iterator[str]:
         code, err = proc.stop()
         asyncio.run(databases.drop(dsn))
     assert code == 0, err[-3000:]
-    # an unexpected exception in a handler is logged at error level (and answered 500)
-    assert '"level": "error"' not in err, err[-3000:]
+    # an unexpected exception in a handler, or a request aiohttp could not parse and the
+    # gateway did not answer itself, is logged at error level
+    errors = [line for line in err.splitlines() if '"level": "error"' in line]
+    assert not errors, f"{REPLAY}\n" + "\n".join(errors)[-3000:]
 
 
 WEBHOOKS = ("/api/webhooks/image-completion", "/api/webhooks/video-completion")
@@ -175,12 +205,49 @@ def test_the_api_conforms_to_its_openapi_document(
         case.validate_response(response, transport_kwargs={"base_url": gateway_url})
     except BaseException as failure:  # schemathesis raises a BaseExceptionGroup
         tally.failures.append(f"{case.operation.label}: {str(failure)[:300]}")
+        failure.add_note(REPLAY)
+        raise
+
+
+OPERATIONS = [result.ok() for result in schema.get_all_operations()]
+# over the defaults: HTTP_MAX_REQUEST_LINE_BYTES, HTTP_MAX_HEADER_FIELD_BYTES (8190 each) and
+# HTTP_MAX_HEADER_BYTES (32768); each field of the block is under the per-field limit
+OVERSIZED = {
+    "request line": (414, {}, 9000),
+    "header field": (431, {"X-Padding": "p" * 9000}, 0),
+    "header block": (431, {f"X-Padding-{i}": "p" * 7000 for i in range(5)}, 0),
+}
+
+
+@pytest.mark.parametrize("oversized", OVERSIZED)
+@pytest.mark.parametrize("operation", OPERATIONS, ids=lambda operation: operation.label)
+def test_an_over_long_request_is_answered_as_documented(
+    operation: Any, oversized: str, gateway_url: str, tally: Tally, http: requests.Session
+) -> None:
+    status, headers, query_bytes = OVERSIZED[oversized]
+    case = operation.Case(
+        path_parameters={p.name: "x" for p in operation.path_parameters},
+        query={"padding": "q" * query_bytes} if query_bytes else {},
+        headers={"Authorization": f"Bearer {TOKEN}", **headers},
+    )
+    response = case.call(base_url=gateway_url, session=http, timeout=10)
+    tally.statuses[response.status_code] += 1
+    assert response.status_code == status, response.text[:300]
+    # schemathesis's response: lower-case names, each with its list of values
+    assert response.headers["content-type"] == ["application/problem+json"]
+    assert response.headers["connection"] == ["close"]
+    assert response.json()["status"] == status
+    try:
+        case.validate_response(response, transport_kwargs={"base_url": gateway_url})
+    except BaseException as failure:
+        tally.failures.append(f"{case.operation.label} ({oversized}): {str(failure)[:300]}")
         raise
 
 
 def test_schemathesis_figures(tally: Tally, figures: Any) -> None:
     """The run's figures (this test runs after the operations' tests, in file order)."""
     documented = sum(len(item) for item in DOCUMENT["paths"].values())
+    figures["seed"] = SEED
     figures["operations in the document"] = documented
     figures["operations exercised"] = len(tally.operations)
     figures["examples"] = tally.examples
