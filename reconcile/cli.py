@@ -23,7 +23,8 @@ from gateway.settings import Settings, SettingsError, parse_duration
 from gateway.store.database import Database
 from gateway.store.errors import StoreUnavailable
 from gateway.store.migrations import is_current
-from gateway.usecases import operators
+from gateway.usecases import legacy_import, operators
+from reconcile import legacy as legacy_report
 from reconcile import metrics, report
 from reconcile.runner import RunOptions, run_once
 
@@ -111,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     dismiss.add_argument("--reason", type=_reason, required=True, help="why (recorded)")
     dismiss.add_argument("--kind", choices=kinds,
                          help="the orphan's kind (default: the kind of the orphan with that id)")
+    _legacy_parser(commands)
     return parser
 
 
@@ -240,7 +242,36 @@ async def _dismiss(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"run": _run, "orphans": _orphans, "assign": _assign, "dismiss": _dismiss}
+# taking over from the existing app
+
+def _legacy_parser(commands: Any) -> None:
+    imports = commands.add_parser(
+        "import-legacy", help="import the existing app's Prisma database (read-only)")
+    imports.add_argument("--from", dest="source", required=True, metavar="URL",
+                         help="the existing app's PostgreSQL URL (only read)")
+    imports.add_argument("--dry-run", action="store_true",
+                         help="report what an import would do, write nothing")
+    imports.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+async def _import_legacy(settings: Settings, args: argparse.Namespace) -> int:
+    db = await _open(settings, size=2)
+    progress = legacy_report.ProgressLine()
+    try:
+        result = await legacy_import.import_legacy(args.source, db, dry_run=args.dry_run,
+                                                   progress=progress)
+    finally:
+        progress.close()
+        await db.close()
+    if args.json:
+        report.write_json(sys.stdout, legacy_report.report_json(result))
+    else:
+        legacy_report.write_summary(sys.stdout, result)
+    return EXIT_OK
+
+
+_COMMANDS = {"run": _run, "orphans": _orphans, "assign": _assign, "dismiss": _dismiss,
+             "import-legacy": _import_legacy}
 
 
 if __name__ == "__main__":

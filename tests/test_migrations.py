@@ -27,7 +27,8 @@ def sql_constants() -> list[tuple[str, str]]:
     found = []
     for package in (gateway, reconcile):
         for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-            if info.name.endswith("__main__"):
+            # the legacy source's statements read the existing app's schema (their own test)
+            if info.name.endswith(("__main__", "legacy_source")):
                 continue
             module = importlib.import_module(info.name)
             for name, value in vars(module).items():

@@ -64,7 +64,7 @@ async def count_prunable(conn: asyncpg.Connection, cutoff: dt.datetime) -> dict[
 #   run not finished, and the latest successful real run (its time is the
 #   last-success metric).
 # Older than the retention, everything else goes: the `waiting`, `ambiguous` and
-# `no_candidate` rows (rules grace, no_prompt, user_prompt, prompt_only, recheck,
+# `no_candidate` rows (rules grace, no_prompt, user_prompt, one_user_prompt, prompt_only, recheck,
 # apply_failed) that a later decision of the same orphan supersedes or whose orphan is no
 # longer open, and the runs left without decisions.
 

@@ -89,14 +89,10 @@ WHERE o.state = 'unresolved' AND o.prompt_norm IS NULL AND {_NOT_PLANNED}
 # their own window take a rank, and only candidates in some orphan's window, so a job too
 # old for every orphan does not shift the pairing; a pair that still falls outside the
 # orphan's window is left for review.
-PLAN_USER_PROMPT = f"""
-WITH ready AS (
-    SELECT o.kind, o.backend_job_id, o.user_id, o.prompt_norm, o.first_seen_at,
-           o.file_count, o.event_count
-    FROM orphans o
-    WHERE o.state = 'unresolved' AND o.user_id IS NOT NULL AND o.prompt_norm IS NOT NULL
-      AND {_NOT_PLANNED}
-), edges AS (
+def _paired_in_time_order(ready: str, rule: str) -> str:
+    """The orphans of `ready` (each with the user it is for) paired with that user's jobs."""
+    return f"""
+WITH {ready}, edges AS (
     SELECT o.kind, o.backend_job_id, j.id AS job_id
     FROM ready o
     JOIN jobs j ON j.kind = o.kind AND j.prompt_norm = o.prompt_norm
@@ -135,7 +131,7 @@ WITH ready AS (
 INSERT INTO {_PLAN_ROW}
 SELECT $1, o.kind, o.backend_job_id,
        CASE WHEN p.in_window THEN p.job_id END,
-       'user_prompt',
+       '{rule}',
        CASE WHEN p.in_window THEN 'matched'
             WHEN p.job_id IS NOT NULL THEN 'ambiguous'
             ELSE 'no_candidate' END,
@@ -156,6 +152,49 @@ SELECT $1, o.kind, o.backend_job_id,
 FROM counted o
 LEFT JOIN pairs p ON p.kind = o.kind AND p.backend_job_id = o.backend_job_id
 """
+
+
+PLAN_USER_PROMPT = _paired_in_time_order(f"""ready AS (
+    SELECT o.kind, o.backend_job_id, o.user_id, o.prompt_norm, o.first_seen_at,
+           o.file_count, o.event_count
+    FROM orphans o
+    WHERE o.state = 'unresolved' AND o.user_id IS NOT NULL AND o.prompt_norm IS NOT NULL
+      AND {_NOT_PLANNED}
+)""", "user_prompt")
+
+# Orphans that name no user, whose prompt's candidates all belong to one user (and the
+# other such orphans' with that prompt to the same user): the user is certain, so they
+# pair with that user's jobs in time order as a named user's orphans do. Only when that
+# user has at least as many such jobs as there are orphans (one more orphan could be an
+# image made for nobody) and there is more than one of either (one and one is prompt_only).
+PLAN_ONE_USER = _paired_in_time_order(f"""unnamed AS (
+    SELECT o.kind, o.backend_job_id, s.user_id, s.users, s.jobs, o.prompt_norm, o.first_seen_at,
+           o.file_count, o.event_count
+    FROM orphans o
+    CROSS JOIN LATERAL (
+        SELECT min(j.user_id) AS user_id, count(DISTINCT j.user_id) AS users,
+               count(*) AS jobs
+        FROM jobs j
+        WHERE j.kind = o.kind AND j.prompt_norm = o.prompt_norm
+          AND {_CANDIDATE}
+          AND {_NOT_TAKEN}
+          AND {_IN_WINDOW}
+    ) AS s
+    WHERE o.state = 'unresolved' AND o.user_id IS NULL AND o.prompt_norm IS NOT NULL
+      AND {_NOT_PLANNED}
+), grouped AS (
+    SELECT u.*, count(*) OVER same_prompt AS orphans, max(u.jobs) OVER same_prompt AS jobs_most
+    FROM unnamed u
+    WINDOW same_prompt AS (PARTITION BY u.kind, u.prompt_norm)
+), ready AS (
+    SELECT u.kind, u.backend_job_id, u.user_id, u.prompt_norm, u.first_seen_at,
+           u.file_count, u.event_count
+    FROM grouped u
+    WHERE u.users = 1 AND u.orphans <= u.jobs_most AND (u.orphans > 1 OR u.jobs_most > 1)
+      AND NOT EXISTS (SELECT 1 FROM unnamed x
+                      WHERE x.kind = u.kind AND x.prompt_norm = u.prompt_norm
+                        AND (x.users > 1 OR (x.users = 1 AND x.user_id <> u.user_id)))
+)""", "one_user_prompt")
 
 # Orphans without a user: only when exactly one candidate across all users has the prompt
 # and exactly one unresolved orphan carries it. Candidates are counted up to 5 (more
@@ -237,7 +276,7 @@ SELECT count(*) FROM reconcile_plan WHERE run_id = $1 AND outcome IN ('matched',
 # the orphan competed with.
 PLAN_RECONSIDER = """
 UPDATE reconcile_plan SET run_id = -run_id
-WHERE run_id = $1::bigint AND rule IN ('user_prompt', 'prompt_only')
+WHERE run_id = $1::bigint AND rule IN ('user_prompt', 'one_user_prompt', 'prompt_only')
   AND outcome IN ('ambiguous', 'no_candidate')
 """
 
@@ -300,6 +339,8 @@ async def build_plan(conn: asyncpg.Connection, run_id: int, p: PlanParameters) -
         while True:
             await conn.execute(ANALYZE_PLAN)
             await conn.execute(PLAN_USER_PROMPT, run_id, p.window_seconds, p.skew_seconds)
+            await conn.execute(ANALYZE_PLAN)
+            await conn.execute(PLAN_ONE_USER, run_id, p.window_seconds, p.skew_seconds)
             await conn.execute(ANALYZE_PLAN)
             await conn.execute(PLAN_PROMPT_ONLY, run_id, p.window_seconds, p.skew_seconds)
             await conn.execute(PLAN_EXPIRE, run_id, p.run_at, p.expire_after_seconds)
