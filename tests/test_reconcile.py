@@ -1058,3 +1058,36 @@ async def test_the_orphans_kind_is_inferred_unless_two_kinds_share_the_id(
 
     assert done.kind is Kind.VIDEO
     assert (await orphan_row(db, "shared", Kind.IMAGE))["state"] == "unresolved"
+
+
+async def test_anonymous_orphans_whose_candidates_are_all_one_users_pair_in_time_order(
+    db: Database, database_url: str
+) -> None:
+    older = await insert_job(db, user_id="user_a", prompt="blue whale", created_ago_seconds=300)
+    newer = await insert_job(db, user_id="user_a", prompt="blue whale", created_ago_seconds=200)
+    first = await record_orphan(db, payload("anon-1", prompt="blue whale"))
+    second = await record_orphan(db, payload("anon-2", prompt="Blue  Whale"))
+
+    result = await reconcile(database_url)
+
+    assert result.counts["matched"] == 2
+    assert (await orphan_row(db, first))["job_id"] == older
+    assert (await orphan_row(db, second))["job_id"] == newer
+    (decision,) = await decisions(db, second)
+    assert (decision["rule"], decision["outcome"]) == ("one_user_prompt", "matched")
+
+
+async def test_anonymous_orphans_whose_candidates_belong_to_two_users_wait_for_review(
+    db: Database, database_url: str
+) -> None:
+    await insert_job(db, user_id="user_a", prompt="green forest", created_ago_seconds=300)
+    await insert_job(db, user_id="user_b", prompt="green forest", created_ago_seconds=290)
+    first = await record_orphan(db, payload("anon-1", prompt="green forest"))
+    second = await record_orphan(db, payload("anon-2", prompt="green forest"))
+
+    result = await reconcile(database_url)
+
+    assert result.counts["matched"] == 0
+    for backend_id in (first, second):
+        (decision,) = await decisions(db, backend_id)
+        assert (decision["rule"], decision["outcome"]) == ("prompt_only", "ambiguous")
