@@ -25,6 +25,9 @@ def report_json(report: ImportReport) -> dict[str, Any]:
         "notifications_withheld": report.notifications_withheld,
         "skipped": [{"table": s.table, "id": s.id, "reason": s.reason}
                     for s in report.skipped],
+        "repairs": [{"kind": r.kind, "backend_job_id": r.backend_job_id,
+                     "taken_from": r.taken_from, "state": r.state, "job_id": r.job_id,
+                     "given_to": r.given_to, "reason": r.reason} for r in report.repairs],
     }
 
 
@@ -40,6 +43,16 @@ def write_summary(out: TextIO, report: ImportReport) -> None:
     out.write(f"skipped: {len(report.skipped)} row(s)\n")
     for s in report.skipped:
         out.write(f"  {s.table} {s.id}: {s.reason}\n")
+    given = [r for r in report.repairs if r.given_to is not None]
+    open_ = [r for r in report.repairs if r.given_to is None]
+    out.write(f"misattributed rows so far: {len(given)} given back, "
+              f"{len(open_)} not (yet)\n")
+    for r in given:
+        out.write(f"  {r.kind} {r.backend_job_id}: from {r.taken_from} to {r.given_to} "
+                  f"(job {r.job_id})\n")
+    for r in open_:
+        out.write(f"  {r.kind} {r.backend_job_id}: {r.state}, "
+                  f"{r.reason or 'not looked at by a run yet'}\n")
     if report.dry_run:
         out.write("dry run: nothing was written\n")
     else:

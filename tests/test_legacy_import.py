@@ -328,6 +328,15 @@ async def test_import_then_run_puts_every_file_on_the_user_who_asked_for_it(
     assert again.code == 0, again.err
     assert again.json()["kinds"]["image"]["jobs"] == 0
     assert again.json()["notifications"] == 0
+    repairs = {r["backend_job_id"]: r for r in again.json()["repairs"]}
+    assert len(repairs) == 7
+    fox = repairs[ids["fox_uuid"]]
+    assert (fox["taken_from"], fox["given_to"], fox["job_id"]) == (
+        "user_decoy", "user_alice", ids["alice_fox"])
+    assert repairs[ids["waves_uuid"]]["given_to"] == "user_bob"
+    forest = repairs[ids["forest_uuid"]]
+    assert forest["given_to"] is None
+    assert "several jobs" in forest["reason"]
     assert await gateway_tables(db) == mark
 
 

@@ -61,8 +61,8 @@ ON CONFLICT DO NOTHING
 """
 
 RECORD_IMPORTED = """
-INSERT INTO legacy_generations (kind, legacy_id, target, updated_at)
-SELECT * FROM unnest($1::job_kind[], $2::text[], $3::text[], $4::timestamptz[])
+INSERT INTO legacy_generations (kind, legacy_id, target, updated_at, author_id)
+SELECT * FROM unnest($1::job_kind[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])
 ON CONFLICT (kind, legacy_id) DO UPDATE SET updated_at = EXCLUDED.updated_at
 """
 
@@ -104,3 +104,24 @@ SELECT count(*) FROM notifications WHERE legacy_id = ANY($1::text[])
 async def notifications_known(conn: asyncpg.Connection, ids: Sequence[str]) -> int:
     found: int = await conn.fetchval(NOTIFICATIONS_KNOWN, list(ids))
     return found
+
+
+# What became of each misattributed row: given back (to the job's user) or still open, with
+# the reason of its latest decision.
+REPAIRS = """
+SELECT g.kind, g.legacy_id, g.author_id, o.state, j.id AS job_id, j.user_id,
+       COALESCE(d.reason, d.evidence->>'reason') AS reason
+FROM legacy_generations g
+JOIN orphans o ON o.kind = g.kind AND o.backend_job_id = g.legacy_id
+LEFT JOIN jobs j ON j.id = o.job_id
+LEFT JOIN LATERAL (SELECT x.reason, x.evidence FROM reconcile_decisions x
+                   WHERE x.kind = o.kind AND x.backend_job_id = o.backend_job_id
+                   ORDER BY x.id DESC LIMIT 1) AS d ON true
+WHERE g.target = 'orphan'
+ORDER BY g.kind, g.legacy_id
+"""
+
+
+async def repairs(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(REPAIRS)
+    return rows

@@ -63,6 +63,20 @@ class ImportReport:
     notifications_withheld: int = 0
     skipped: list[SkippedRow] = dataclasses.field(default_factory=list)
     misattributed_ids: set[str] = dataclasses.field(default_factory=set)
+    repairs: list[Repair] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Repair:
+    """A misattributed row as the reconciler left it: given back or left for review."""
+
+    kind: str
+    backend_job_id: str
+    taken_from: str | None
+    state: str
+    job_id: str | None
+    given_to: str | None
+    reason: str | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,6 +120,10 @@ async def import_legacy(url: str, db: Database, *, dry_run: bool = False,
                 await _notifications(db, rows, report)
                 if progress:
                     progress("notifications", len(rows))
+        async with db.connection() as target:
+            report.repairs = [Repair(r["kind"], r["legacy_id"], r["author_id"], r["state"],
+                                     r["job_id"], r["user_id"], r["reason"])
+                              for r in await store_legacy.repairs(target)]
         log.info("legacy_import_done", dry_run=dry_run, skipped=len(report.skipped),
                  **{f"{k.value}_jobs": c.jobs for k, c in report.kinds.items()})
         return report
@@ -177,7 +195,8 @@ async def _generations(db: Database, kind: Kind, rows: Sequence[asyncpg.Record],
             counts.updated += await _advance(conn, kind, d)
         await store_legacy.write(conn, store_legacy.RECORD_IMPORTED, [
             (kind.value, d.record["id"], "orphan" if d in orphans else "job",
-             d.record["updatedAt"]) for d in (*jobs, *orphans, *changed)], 4)
+             d.record["updatedAt"], d.record["clerkId"])
+            for d in (*jobs, *orphans, *changed)], 5)
 
 
 async def _write_jobs(conn: asyncpg.Connection, kind: Kind, jobs: Sequence[_Row]) -> int:

@@ -8,6 +8,8 @@ CREATE TABLE legacy_generations (
     legacy_id   text NOT NULL,
     target      text NOT NULL CHECK (target IN ('job', 'orphan')),
     updated_at  timestamptz NOT NULL,
+    -- the Clerk id of the user the row sat on (for a repaired row: whom it is taken from)
+    author_id   text,
     imported_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (kind, legacy_id)
 );
