@@ -14,6 +14,8 @@ from bench.common import ensure_tool, machine_info, result_dir, run_id
 from bench.report import Figure, table, write_json
 
 BENCHMARKS = ("ingest", "create", "sse", "reconcile")
+# run only when named: `python -m bench import` (the module is bench.legacy_import)
+ON_REQUEST = {"import": "legacy_import"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Benchmarks of sorami-gateway, each as a ratio to the limit measured "
         "in the same run on this machine.",
     )
-    parser.add_argument("benchmark", choices=(*BENCHMARKS, "all"))
+    parser.add_argument("benchmark", choices=(*BENCHMARKS, *ON_REQUEST, "all"))
     parser.add_argument("--repeat", type=int, default=3,
                         help="repetitions of ingest and create (a range is reported; default 3)")
     parser.add_argument("--preload", type=int, default=100_000,
@@ -51,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                         "before each run (default 1.0)")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
                         help="seconds to wait at most for that (default 120)")
+    parser.add_argument("--generations", type=int, default=1_000_000,
+                        help="legacy generations for import, each with two files and one "
+                        "notification (default 1000000)")
     parser.add_argument("--profile", action="store_true",
                         help="record py-spy profiles of the server processes (first run)")
     parser.add_argument("--profile-seconds", type=float, default=15.0)
@@ -70,7 +75,7 @@ async def _main(argv: Sequence[str] | None) -> int:
     details: dict[str, Any] = {}
     started = time.monotonic()
     for name in chosen:
-        module = importlib.import_module(f"bench.{name}")
+        module = importlib.import_module(f"bench.{ON_REQUEST.get(name, name)}")
         found, detail = await module.run(args, out)
         figures += found
         details[name] = detail

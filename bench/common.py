@@ -41,8 +41,9 @@ def server_url() -> str:
 
 
 @contextlib.asynccontextmanager
-async def scratch_database(label: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for one benchmark, dropped afterwards whatever happens."""
+async def scratch_database(label: str, *, migrated: bool = True) -> AsyncIterator[str]:
+    """A fresh database (migrated unless told not) for one benchmark, dropped afterwards
+    whatever happens."""
     admin_url = server_url()
     name = f"bench_{label}_{os.getpid()}_{secrets.token_hex(3)}"
     admin = await asyncpg.connect(admin_url)
@@ -52,7 +53,8 @@ async def scratch_database(label: str) -> AsyncIterator[str]:
         await admin.close()
     url = with_database(admin_url, name)
     try:
-        await migrate(url)
+        if migrated:
+            await migrate(url)
         yield url
     finally:
         admin = await asyncpg.connect(admin_url)

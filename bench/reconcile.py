@@ -168,15 +168,17 @@ async def fill(dsn: str, jobs: int) -> tuple[int, float]:
 
 
 def run_reconcile(
-    dsn: str, log_path: Path, profile: Path | None = None
+    dsn: str, log_path: Path, profile: Path | None = None,
+    command: tuple[str, ...] = ("run", "--json"),
 ) -> tuple[float, int, dict[str, Any], int, float]:
-    """`python -m reconcile run --json`: (seconds, peak RSS in KiB, its JSON, exit code, CPU
-    seconds of the process); with `profile`, py-spy records the run there."""
+    """`python -m reconcile run --json` (or another `command`): (seconds, peak RSS in KiB,
+    its JSON, exit code, CPU seconds of the process); with `profile`, py-spy records the
+    run there."""
     env = gateway_env(dsn, 0)
     env.pop("PORT")
     started = time.perf_counter()
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "reconcile", "run", "--json"],
+        proc = subprocess.Popen([sys.executable, "-m", "reconcile", *command],
                                 env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=log)
         assert proc.stdout is not None
         spy = None

@@ -125,3 +125,4 @@ ORDER BY g.kind, g.legacy_id
 async def repairs(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await conn.fetch(REPAIRS)
     return rows
+

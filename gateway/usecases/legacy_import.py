@@ -9,6 +9,7 @@ Imported jobs never reach the outbox: the backend has long had them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,7 +26,7 @@ from gateway.jobs.state import Event, Status
 from gateway.store import jobs as store_jobs
 from gateway.store import legacy as store_legacy
 from gateway.store import legacy_source as source
-from gateway.store.database import Database
+from gateway.store.database import Database, commit_without_flush, rowcount
 
 log = structlog.get_logger(__name__)
 
@@ -88,13 +89,8 @@ class _Row:
     files: tuple[FileRecord, ...]
 
 
-def _inserted(status: str) -> int:
-    """'INSERT 0 12' -> 12."""
-    return int(status.rsplit(" ", 1)[-1])
-
-
 async def import_legacy(url: str, db: Database, *, dry_run: bool = False,
-                        batch_size: int = 2000,
+                        batch_size: int = 5000,
                         progress: Progress | None = None) -> ImportReport:
     try:
         conn = await source.open_source(url)
@@ -106,20 +102,14 @@ async def import_legacy(url: str, db: Database, *, dry_run: bool = False,
             raise SourceError("the legacy database is not the existing app's schema; "
                               "missing: " + ", ".join(missing))
         report = ImportReport(dry_run=dry_run)
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            first = await source.first_user(conn)
-            direct = await source.backend_direct_ids(conn)
-            for kind in Kind:
-                query = source.generations_query(kind)
-                async for rows in source.batches(conn, query, batch_size):
-                    files = await source.files_of(conn, kind, [r["id"] for r in rows])
-                    await _generations(db, kind, rows, files, first, direct, report)
-                    if progress:
-                        progress(legacy.TABLES[kind][0], len(rows))
-            async for rows in source.batches(conn, source.NOTIFICATIONS_QUERY, batch_size):
-                await _notifications(db, rows, report)
-                if progress:
-                    progress("notifications", len(rows))
+        # reading the next batch overlaps writing this one; two batches in flight at most
+        queue: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=2)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_write_batches(db, queue, report, progress))
+                tasks.create_task(_read_batches(conn, queue, batch_size))
+        except ExceptionGroup as failed:  # the first failure; the other task was cancelled
+            raise failed.exceptions[0] from None
         async with db.connection() as target:
             report.repairs = [Repair(r["kind"], r["legacy_id"], r["author_id"], r["state"],
                                      r["job_id"], r["user_id"], r["reason"])
@@ -129,6 +119,45 @@ async def import_legacy(url: str, db: Database, *, dry_run: bool = False,
         return report
     finally:
         await conn.close()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Batch:
+    kind: Kind | None  # None: notifications
+    rows: list[asyncpg.Record]
+    files: dict[str, list[asyncpg.Record]]
+    first_user: str | None
+    backend_direct: set[str]
+
+
+async def _read_batches(conn: asyncpg.Connection, queue: asyncio.Queue[_Batch | None],
+                        batch_size: int) -> None:
+    """The source in one read-only snapshot, generations (with their files) before the
+    notifications that name them."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        first = await source.first_user(conn)
+        direct = await source.backend_direct_ids(conn)
+        for kind in Kind:
+            async for rows in source.batches(conn, source.generations_query(kind), batch_size):
+                files = await source.files_of(conn, kind, [r["id"] for r in rows])
+                await queue.put(_Batch(kind, rows, files, first, direct))
+        async for rows in source.batches(conn, source.NOTIFICATIONS_QUERY, batch_size):
+            await queue.put(_Batch(None, rows, {}, first, direct))
+    await queue.put(None)
+
+
+async def _write_batches(db: Database, queue: asyncio.Queue[_Batch | None],
+                         report: ImportReport, progress: Progress | None) -> None:
+    while (batch := await queue.get()) is not None:
+        if batch.kind is None:
+            await _notifications(db, batch.rows, report)
+            table = "notifications"
+        else:
+            await _generations(db, batch.kind, batch.rows, batch.files, batch.first_user,
+                               batch.backend_direct, report)
+            table = legacy.TABLES[batch.kind][0]
+        if progress:
+            progress(table, len(batch.rows))
 
 
 def _decide(kind: Kind, r: asyncpg.Record, files: Sequence[asyncpg.Record],
@@ -157,6 +186,8 @@ async def _generations(db: Database, kind: Kind, rows: Sequence[asyncpg.Record],
     counts = report.kinds[kind]
     decided = [d for r in rows if (d := _decide(kind, r, files.get(r["id"], []), report))]
     async with db.connection() as conn, conn.transaction():
+        # a crash loses at most the last batches, which the next import writes again
+        await commit_without_flush(conn)
         known = await store_legacy.known(conn, kind, [d.record["id"] for d in decided])
         jobs: list[_Row] = []
         orphans: list[_Row] = []
@@ -211,7 +242,7 @@ async def _write_jobs(conn: asyncpg.Connection, kind: Kind, jobs: Sequence[_Row]
                      max(0, min(100, r["progress"])), r["message"], r["errorMessage"],
                      r["model"], r["processingTime"], r["createdAt"], r["updatedAt"],
                      finished))
-    done = _inserted(await conn.execute(store_legacy.INSERT_JOBS, *store_legacy.columns(rows, 16)))
+    done = rowcount(await conn.execute(store_legacy.INSERT_JOBS, *store_legacy.columns(rows, 16)))
     await store_legacy.write(conn, store_legacy.INSERT_JOB_EVENTS, [
         (r[0], r[7], r[8], r[9], r[14]) for r in rows], 5)
     return done
@@ -228,7 +259,7 @@ async def _write_files(conn: asyncpg.Connection, jobs: Sequence[_Row]) -> int:
                                   d.record["completedAt"] or d.record["updatedAt"])]
     if not rows:
         return 0
-    return _inserted(await conn.execute(store_legacy.INSERT_FILES, *store_legacy.columns(rows, 12)))
+    return rowcount(await conn.execute(store_legacy.INSERT_FILES, *store_legacy.columns(rows, 12)))
 
 
 async def _write_orphans(conn: asyncpg.Connection, kind: Kind, orphans: Sequence[_Row]) -> None:
@@ -281,5 +312,5 @@ async def _notifications(db: Database, rows: Sequence[asyncpg.Record],
         return
     if keep:
         async with db.connection() as conn:
-            report.notifications += _inserted(await conn.execute(
+            report.notifications += rowcount(await conn.execute(
                 store_legacy.INSERT_NOTIFICATIONS, *store_legacy.columns(keep, 9)))
