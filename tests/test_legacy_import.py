@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from gateway.jobs.kinds import Kind
 from gateway.store import Database
 from gateway.store.legacy_source import init_sql
 from tests.conftest import Databases
@@ -441,3 +442,36 @@ async def test_an_unreachable_source_exits_1_and_a_bad_flag_exits_2(database_url
     assert "--from" in missing.err
     unknown = await cli(database_url, "import-legacy", "--from", "x", "--fast")
     assert unknown.code == 2
+
+
+async def test_an_interrupted_import_is_completed_by_running_it_again(
+    legacy_url: str, db: Database
+) -> None:
+    from gateway.usecases.legacy_import import import_legacy
+
+    await build(legacy_url)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_three_batches(table: str, rows: int, seen: list[int] = []) -> None:  # noqa: B006
+        seen.append(rows)
+        if len(seen) == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        await import_legacy(legacy_url, db, batch_size=3, progress=stop_after_three_batches)
+    async with db.connection() as conn:
+        partial = await conn.fetchval("SELECT count(*) FROM jobs")
+    # batches of three in id order: the six image orphans' UUIDs sort first, then three jobs
+    assert partial == 3
+
+    report = await import_legacy(legacy_url, db, batch_size=3)
+
+    async with db.connection() as conn:
+        counts = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM jobs) AS jobs, (SELECT count(*) FROM orphans)"
+            " AS orphans, (SELECT count(*) FROM notifications) AS notifications,"
+            " (SELECT count(*) FROM job_files) AS files")
+    assert dict(counts) == {"jobs": 11, "orphans": 7, "notifications": 3, "files": 4}
+    assert report.kinds[Kind.IMAGE].already_imported == 9
