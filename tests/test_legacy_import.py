@@ -286,6 +286,27 @@ async def test_import_then_run_puts_every_file_on_the_user_who_asked_for_it(
     other = await client.get(f"/api/images/{ids['alice_done']}/status",
                              headers=user("user_bob"))
     assert other.status == 404
+    result = await client.get(f"/api/images/{ids['alice_done']}/result",
+                              headers=user("user_alice"))
+    assert result.status == 200
+    # bob's stuck tie job was timed out by the run: cancel finds it by its legacy id
+    cancelled = await client.post(f"/api/images/{ids['bob_forest']}/cancel",
+                                  headers=user("user_bob"))
+    assert cancelled.status == 409
+    assert "TIMED_OUT" in await cancelled.text()
+    foreign = await client.post(f"/api/images/{ids['bob_forest']}/cancel",
+                                headers=user("user_carol"))
+    assert foreign.status == 404
+    # the gallery pages through the legacy ids with its cursor, newest first
+    paged, cursor = [], None
+    while True:
+        query = "limit=1" + (f"&cursor={cursor}" if cursor else "")
+        page = await (await client.get(f"/api/images/user?{query}",
+                                       headers=user("user_alice"))).json()
+        paged += [g["job_id"] for g in page["generations"]]
+        if not (cursor := page["next_cursor"]):
+            break
+    assert paged == list(images["user_alice"])
 
     # the decoy is told only of their own image; alice of hers, read flags kept
     notes = await client.get("/api/notifications?limit=100", headers=user("user_decoy"))
