@@ -175,6 +175,9 @@ async def test_the_list_filters_by_kind_user_and_normalised_prompt_and_pages_by_
     assert (await ids(kind="video"))[0] == ["vid-1"]
     assert (await ids(user_id="user_a"))[0] == ["img-1", "img-3"]
     assert (await ids(q="red   FOX number 3"))[0] == ["img-3"]
+    paged = await (await client.get("/api/review/orphans", headers=op(),
+                                    params={"limit": 4, "cursor": cursor})).json()
+    assert paged["counts"] is None
     bad = await client.get("/api/review/orphans", headers=op(), params={"cursor": "zzz"})
     assert bad.status == 422
 

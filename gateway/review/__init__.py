@@ -40,7 +40,8 @@ def routes() -> list[Route]:
             "Open orphans (waiting for review, and unmatched), oldest first", tag,
             bearer=True, query=queue.ReviewQuery,
             description="`q` is normalised as the reconciler normalises prompts; `counts` "
-                        "gives how many match the filter, by the latest decision's outcome.",
+                        "gives how many match the filter, by the latest decision's outcome "
+                        "(on the first page; null on the pages after it).",
             replies=(Reply(200, "One page", queue.ReviewPage), UNAUTHORIZED, FORBIDDEN,
                      problem(422, "A bad filter, `limit` or `cursor`"), UNAVAILABLE),
         ), api.list_orphans),

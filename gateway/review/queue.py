@@ -68,7 +68,8 @@ class BulkDismissBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class ReviewPage(msgspec.Struct):
     orphans: list[dict[str, Any]]
-    counts: dict[str, int]
+    # on the first page only: counting reads every orphan the filter matches
+    counts: dict[str, int] | None
     next_cursor: str | None
 
 
@@ -109,7 +110,7 @@ async def page(db: Database, query: ReviewQuery) -> ReviewPage:
     async with db.connection() as conn:
         rows = await store_review.open_orphans(conn, filters, limit=query.limit + 1,
                                                after=after)
-        counts = await store_review.counts_by_reason(conn, filters)
+        counts = None if after else await store_review.counts_by_reason(conn, filters)
     shown, more = rows[: query.limit], len(rows) > query.limit
     now = dt.datetime.now(dt.UTC)
     items = [{

@@ -47,10 +47,10 @@ ORDER BY o.first_seen_at, o.kind, o.backend_job_id
 LIMIT $7
 """
 
+# review_reason: the latest decision's outcome, kept by a trigger (migration 0011)
 COUNT_BY_REASON = f"""
-SELECT COALESCE(last.outcome, 'undecided') AS reason, count(*) AS n
+SELECT COALESCE(o.review_reason, 'undecided') AS reason, count(*) AS n
 FROM orphans o
-{_LATEST}
 WHERE {_FILTER}
 GROUP BY 1 ORDER BY 1
 """
