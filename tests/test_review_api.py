@@ -15,6 +15,7 @@ from gateway.review.access import csrf_token
 from gateway.settings import Settings
 from gateway.store import Database
 from tests.factories import insert_job
+from tests.test_metrics import scrape
 from tests.test_reconcile import payload, reconcile, record_orphan
 from tests.tokens import bearer, hs256_token
 
@@ -63,6 +64,8 @@ async def test_a_tie_is_listed_with_its_reason_and_shown_with_both_candidates(
         orphan, "ambiguous", "prompt_only")
     assert item["media_url"] == f"https://s3.example/{orphan}/1"
     assert listed["counts"] == {"ambiguous": 1}
+    metrics = await scrape(client)
+    assert metrics.value("sorami_orphans_open_by_reason", kind="image", reason="ambiguous") == 1
 
     shown = await (await client.get(f"/api/review/orphans/image/{orphan}", headers=op())).json()
     assert shown["hints"] == {"user_id": None, "prompt": "a red fox"}
