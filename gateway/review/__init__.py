@@ -98,7 +98,9 @@ def routes() -> list[Route]:
             "The console's assign form (form fields job_id, reason, csrf_token)", tag,
             bearer=True, body_required=False,
             replies=(Reply(303, "Done: back to the list"),
+                     problem(400, "The body is not a form"),
                      Reply(409, "Refused (HTML naming why)", content_type="text/html"),
+                     Reply(422, "A blank reason (HTML)", content_type="text/html"),
                      UNAUTHORIZED, FORBIDDEN, NOT_FOUND, UNAVAILABLE),
         ), console.assign),
         Route(Operation(
@@ -106,7 +108,9 @@ def routes() -> list[Route]:
             "The console's dismiss form (form fields reason, csrf_token)", tag, bearer=True,
             body_required=False,
             replies=(Reply(303, "Done: back to the list"),
+                     problem(400, "The body is not a form"),
                      Reply(409, "Refused (HTML naming why)", content_type="text/html"),
+                     Reply(422, "A blank reason (HTML)", content_type="text/html"),
                      UNAUTHORIZED, FORBIDDEN, NOT_FOUND, UNAVAILABLE),
         ), console.dismiss),
     ]

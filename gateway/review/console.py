@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway.api.schemas import decode_query
 from gateway.database import get_database
-from gateway.errors import ProblemError
+from gateway.errors import BadRequest, ProblemError
 from gateway.review import queue
 from gateway.review.access import CSRF_FIELD, acting_operator, csrf_token, operator, session_token
 from gateway.review.api import orphan_key
@@ -105,7 +105,11 @@ async def detail_page(request: web.Request) -> web.StreamResponse:
 
 
 async def _form(request: web.Request) -> dict[str, str]:
-    return {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+    try:
+        fields = await request.post()
+    except ValueError:  # a multipart type without its boundary, a body that is no form
+        raise BadRequest("The body is not a form.") from None
+    return {k: v for k, v in fields.items() if isinstance(v, str)}
 
 
 def _back(notice: str) -> web.HTTPSeeOther:
@@ -114,8 +118,11 @@ def _back(notice: str) -> web.HTTPSeeOther:
 
 
 async def _decide(request: web.Request, action: str) -> web.StreamResponse:
+    # a bearer caller is known before its body is read; a cookie's token is in the form
+    principal = (await acting_operator(request, None)
+                 if session_token(request) is None else None)
     form = await _form(request)
-    principal = await acting_operator(request, form.get(CSRF_FIELD))
+    principal = principal or await acting_operator(request, form.get(CSRF_FIELD))
     kind, backend_job_id = orphan_key(request)
     db = get_database(request.app)
     try:
