@@ -256,3 +256,9 @@ async def test_a_forged_cross_site_post_with_the_session_cookie_is_refused(
     assert done.status == 303
     assert await db.fetchval("SELECT state FROM orphans") == "dismissed"
     assert await db.fetchval("SELECT actor FROM reconcile_decisions") == OPERATOR
+
+
+def test_review_operators_are_read_as_space_separated_subjects_and_default_to_nobody() -> None:
+    assert Settings.from_env({}).review_operators == ()
+    listed = Settings.from_env({"REVIEW_OPERATORS": " op_alice  user_2abc "})
+    assert listed.review_operators == ("op_alice", "user_2abc")
