@@ -1,4 +1,4 @@
-"""`python -m bench ingest|create|reconcile|sse|all`: run, print the table, write JSON."""
+"""`python -m bench ingest|create|reconcile|sse|review|all`: run, print the table, write JSON."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 from bench.common import ensure_tool, machine_info, result_dir, run_id
 from bench.report import Figure, table, write_json
 
-BENCHMARKS = ("ingest", "create", "sse", "reconcile")
+BENCHMARKS = ("ingest", "create", "sse", "reconcile", "review")
 # run only when named: `python -m bench import` (the module is bench.legacy_import)
 ON_REQUEST = {"import": "legacy_import"}
 
@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds of changes (default 30)")
     parser.add_argument("--sizes", default="10000,100000,1000000",
                         help="reconcile sizes in jobs (default 10000,100000,1000000)")
+    parser.add_argument("--review-orphans", type=int, default=100_000,
+                        help="orphans in the review list benchmark (default 100000)")
+    parser.add_argument("--review-requests", type=int, default=1000,
+                        help="list requests measured (default 1000)")
     parser.add_argument("--quiet-load", type=float, default=1.0,
                         help="wait for the 1-minute load average to fall under this "
                         "before each run (default 1.0)")

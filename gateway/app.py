@@ -17,6 +17,7 @@ from gateway.metrics.exposition import setup_metrics
 from gateway.middleware import error_middleware
 from gateway.observability import setup_observability
 from gateway.openapi import setup_openapi
+from gateway.review import setup_review
 from gateway.settings import Settings
 from gateway.webhooks import setup_webhooks
 
@@ -33,6 +34,7 @@ def create_app(settings: Settings) -> web.Application:
     setup_auth(app)
     setup_events(app)
     setup_api(app)
+    setup_review(app)
     setup_delivery(app)
     setup_observability(app)
     setup_metrics(app)

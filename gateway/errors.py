@@ -69,6 +69,14 @@ class Unauthorized(ProblemError):
         return {"WWW-Authenticate": self.scheme} if self.scheme else {}
 
 
+class Forbidden(ProblemError):
+    """The caller is authenticated but not allowed here."""
+
+    status = 403
+    slug = "forbidden"
+    title = "Forbidden"
+
+
 class NotFound(ProblemError):
     """No such resource."""
 

@@ -98,6 +98,8 @@ class Settings:
     # authenticates GET routes (Clerk's `__session`; None: off)
     cors_allowed_origins: tuple[str, ...] = ()
     auth_session_cookie: str | None = "__session"
+    # the review console: the JWT subjects allowed to see and decide orphans
+    review_operators: tuple[str, ...] = ()
 
     @property
     def embedded(self) -> bool:
@@ -169,6 +171,7 @@ class Settings:
             ),
             cors_allowed_origins=p.origins("CORS_ALLOWED_ORIGINS"),
             auth_session_cookie=p.cookie_name("AUTH_SESSION_COOKIE", "__session"),
+            review_operators=p.words("REVIEW_OPERATORS"),
         )
         settings.check_consistency()
         return settings

@@ -197,6 +197,7 @@ async def test_orphan_gauges_count_unresolved_and_unmatched(
     age = found.get("sorami_orphans_oldest_unresolved_age_seconds", kind="image")
     assert 1900 <= age < 1960
     assert found.value("sorami_orphans_oldest_unresolved_age_seconds", kind="video") == 0
+    assert found.value("sorami_orphans_open_by_reason", kind="image", reason="undecided") == 3
 
 
 async def test_last_successful_reconcile_ignores_failed_and_dry_runs(

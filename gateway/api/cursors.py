@@ -40,3 +40,10 @@ def gallery_key(cursor: str) -> tuple[dt.datetime, str]:
 def notification_key(cursor: str) -> int:
     (notification_id,) = _decode(cursor, tuple[int])
     return notification_id
+
+
+def review_key(cursor: str) -> tuple[dt.datetime, str, str]:
+    first_seen_at, kind, backend_job_id = _decode(cursor, tuple[dt.datetime, str, str])
+    if first_seen_at.tzinfo is None or kind not in ("image", "video"):
+        raise Unprocessable("cursor: not a cursor this listing gave", field="cursor")
+    return first_seen_at, kind, backend_job_id

@@ -65,3 +65,10 @@ HTTP_IN_FLIGHT = Gauge(
     "HTTP requests being handled now, summed over the live worker processes.",
     multiprocess_mode="livesum",
 )
+# the operators are the few subjects in REVIEW_OPERATORS, so `actor` stays a short list
+REVIEW_DECISIONS = Counter(
+    "sorami_review_decisions_total",
+    "Decisions made through the review console, by operator (user id) and outcome "
+    "(assigned, dismissed, refused).",
+    ["actor", "outcome"],
+)

@@ -162,6 +162,14 @@ class DatabaseGauges:
             orphans.add_metric([kind], open_.count if open_ else 0)
             orphan_age.add_metric([kind], open_.oldest_age_seconds + held if open_ else 0.0)
 
+        reasons = GaugeMetricFamily(
+            "sorami_orphans_open_by_reason",
+            "Open orphans by kind and the outcome of their latest decision (undecided: none).",
+            labels=["kind", "reason"],
+        )
+        for kind_name, reason, count in active.open_orphan_reasons:
+            reasons.add_metric([kind_name, reason], count)
+
         reconcile = GaugeMetricFamily(
             "sorami_reconcile_last_success_timestamp_seconds",
             "Unix time the last successful (not dry-run) reconcile run finished; 0 when never.",
@@ -169,5 +177,5 @@ class DatabaseGauges:
         )
         return [
             up, query, jobs, oldest_job, outbox_due, outbox_pending, outbox_age,
-            orphans, orphan_age, reconcile,
+            orphans, orphan_age, reasons, reconcile,
         ]

@@ -35,6 +35,11 @@ SELECT
            FROM orphans
            WHERE state IN ('unresolved', 'unmatched')
            GROUP BY kind) AS open) AS open_orphans,
+    (SELECT coalesce(jsonb_agg(jsonb_build_array(kind, reason, n)), '[]'::jsonb)
+     FROM (SELECT kind::text, coalesce(review_reason, 'undecided') AS reason, count(*) AS n
+           FROM orphans
+           WHERE state IN ('unresolved', 'unmatched')
+           GROUP BY kind, review_reason) AS why) AS open_orphan_reasons,
     (SELECT extract(epoch FROM max(finished_at))::float8
      FROM reconcile_runs
      WHERE state = 'succeeded' AND NOT dry_run) AS last_reconcile
@@ -81,6 +86,8 @@ class ActiveSnapshot:
     outbox_oldest_due_age_seconds: float | None
     open_orphans: tuple[OpenOrphans, ...]
     last_reconcile_success: float | None
+    # (kind, the latest decision's outcome or "undecided", how many)
+    open_orphan_reasons: tuple[tuple[str, str, int], ...] = ()
 
 
 async def active_snapshot(conn: asyncpg.Connection) -> ActiveSnapshot:
@@ -96,6 +103,7 @@ async def active_snapshot(conn: asyncpg.Connection) -> ActiveSnapshot:
         outbox_oldest_due_age_seconds=row["oldest_due_age"],
         open_orphans=tuple(OpenOrphans(k, int(n), float(age)) for k, n, age in orphans),
         last_reconcile_success=row["last_reconcile"],
+        open_orphan_reasons=tuple((k, r, int(n)) for k, r, n in row["open_orphan_reasons"]),
     )
 
 

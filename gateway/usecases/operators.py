@@ -2,7 +2,8 @@
 
 An assignment goes through the same `orphans.attach` as an automatic match (alias, events
 replayed through the state machine, one notification) and, like every decision, leaves a
-`reconcile_decisions` row, with actor "operator" and the operator's reason.
+`reconcile_decisions` row, with the actor ("operator" from the command line, the operator's
+user id from the review console) and the operator's reason.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ async def assign(
     reason: str,
     kind: Kind | None = None,
     allow_other_user: bool = False,
+    actor: str = "operator",
 ) -> Assigned:
     """Attach an orphan to a job chosen by an operator, and record why."""
     async with db.transaction() as conn:
@@ -103,7 +105,7 @@ async def assign(
                     "replayed_events": len(attached.transitions),
                     "job_status": status,
                 },
-                actor="operator",
+                actor=actor,
                 reason=reason,
             )
     return Assigned(kind, backend_job_id, job_id, job.user_id, len(attached.transitions),
@@ -111,7 +113,8 @@ async def assign(
 
 
 async def dismiss(
-    db: Database, backend_job_id: str, *, reason: str, kind: Kind | None = None
+    db: Database, backend_job_id: str, *, reason: str, kind: Kind | None = None,
+    actor: str = "operator",
 ) -> Dismissed:
     """Close an orphan that belongs to no job (its events stay stored), and record why."""
     async with db.transaction() as conn:
@@ -131,7 +134,7 @@ async def dismiss(
                 rule="operator",
                 outcome="dismissed",
                 evidence={"user_id": orphan.user_id, "state_before": orphan.state},
-                actor="operator",
+                actor=actor,
                 reason=reason,
             )
     return Dismissed(kind, backend_job_id, orphan.state, decision_id)
