@@ -92,10 +92,18 @@ async def create(
     if row is not None:
         return Created(row["id"], Status(row["status"]), row["message"], row["created_at"], True)
     # the conflicting insert has committed (the unique index waited for it): read it back
+    existing = await find_by_idempotency_key(conn, new)
+    assert existing is not None, "ON CONFLICT without a conflicting row"
+    return existing
+
+
+async def find_by_idempotency_key(conn: asyncpg.Connection, new: NewJob) -> Created | None:
+    """The job an earlier request with `new`'s Idempotency-Key made, if any."""
     existing = await conn.fetchrow(
         FIND_BY_IDEMPOTENCY_KEY, new.user_id, new.kind.value, new.idempotency_key
     )
-    assert existing is not None, "ON CONFLICT without a conflicting row"
+    if existing is None:
+        return None
     return Created(
         existing["id"],
         Status(existing["status"]),

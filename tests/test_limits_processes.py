@@ -1,0 +1,107 @@
+"""Per-user limits hold across replicas: three `serve` processes on one database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import aiohttp
+import pytest
+
+from gateway.jobs.kinds import Kind
+from gateway.store import Database
+from tests.conftest import WEBHOOK_KEY
+from tests.factories import insert_job
+from tests.procs import Proc, free_port, serve_env, start, wait_ready
+from tests.signing import signed
+from tests.test_webhooks_ingest import ROUTES, completed
+from tests.tokens import user
+
+REPLICAS = 3
+CREATES = 100
+
+
+@contextlib.asynccontextmanager
+async def replicas(database_url: str, **env: str) -> AsyncIterator[list[str]]:
+    """The base URLs of three gateways on `database_url` with `env`; stopped afterwards."""
+    procs: list[Proc] = []
+    ports = [free_port() for _ in range(REPLICAS)]
+    try:
+        for port in ports:
+            procs.append(start(["serve", "--no-migrate"],
+                               serve_env(database_url, PORT=str(port), **env)))
+        await asyncio.gather(*(wait_ready(port, timeout=30) for port in ports))
+        yield [f"http://127.0.0.1:{port}" for port in ports]
+    finally:
+        for proc in procs:
+            code, stderr = proc.stop()
+            assert code == 0, stderr[-2000:]
+
+
+async def create(session: aiohttp.ClientSession, base: str, sub: str) -> tuple[int, dict[str, str],
+                                                                                 dict[str, object]]:
+    async with session.post(f"{base}/api/images/generate", json={"prompt": "a red kite"},
+                            headers=user(sub)) as resp:
+        return resp.status, dict(resp.headers), await resp.json(content_type=None)
+
+
+async def burst(session: aiohttp.ClientSession, bases: Sequence[str], sub: str,
+                other: str) -> tuple[list[tuple[int, dict[str, str], dict[str, object]]],
+                                     tuple[int, dict[str, str], dict[str, object]]]:
+    """CREATES concurrent creates by `sub` spread over the replicas, and meanwhile one by
+    `other`."""
+    answers = await asyncio.gather(
+        create(session, bases[REPLICAS - 1], other),
+        *(create(session, bases[n % REPLICAS], sub) for n in range(CREATES)),
+    )
+    return list(answers[1:]), answers[0]
+
+
+@pytest.mark.reliability
+async def test_the_active_limit_holds_exactly_across_three_replicas(
+    database_url: str, db: Database
+) -> None:
+    async with (replicas(database_url, USER_MAX_ACTIVE_IMAGE_JOBS="5") as bases,
+                aiohttp.ClientSession() as session):
+        answers, other = await burst(session, bases, "burst", "other")
+        accepted = [body for status, _, body in answers if status == 202]
+        refused = [(headers, body) for status, headers, body in answers if status == 429]
+        assert len(accepted) == 5
+        assert len(refused) == CREATES - 5
+        for headers, body in refused:
+            assert headers["Retry-After"] == "5"
+            assert body["limit"] == "USER_MAX_ACTIVE_IMAGE_JOBS"
+            assert body["value"] == 5
+        assert other[0] == 202
+        assert await db.fetchval("SELECT count(*) FROM jobs WHERE user_id = 'burst'") == 5
+
+        # one of the five completes by webhook (on another replica): one more fits
+        payload, headers = signed(completed(str(accepted[0]["job_id"])), WEBHOOK_KEY, "m1")
+        async with session.post(bases[1] + ROUTES[Kind.IMAGE], data=payload,
+                                headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+        assert (await create(session, bases[2], "burst"))[0] == 202
+        assert (await create(session, bases[0], "burst"))[0] == 429
+
+
+@pytest.mark.reliability
+async def test_the_hourly_limit_holds_exactly_across_three_replicas(
+    database_url: str, db: Database
+) -> None:
+    # created 20 minutes ago: it leaves the window in 40 minutes
+    await insert_job(db, user_id="burst", created_ago_seconds=1200)
+    async with (replicas(database_url, USER_MAX_ACTIVE_IMAGE_JOBS="0",
+                         USER_MAX_IMAGE_JOBS_PER_HOUR="5") as bases,
+                aiohttp.ClientSession() as session):
+        answers, other = await burst(session, bases, "burst", "other")
+    statuses = [status for status, _, _ in answers]
+    assert statuses.count(202) == 4
+    assert statuses.count(429) == CREATES - 4
+    for status, headers, body in answers:
+        if status == 429:
+            assert body["limit"] == "USER_MAX_IMAGE_JOBS_PER_HOUR"
+            assert 2390 <= int(headers["Retry-After"]) <= 2400
+            assert headers["RateLimit"].startswith('"images-hour";r=0;t=')
+    assert other[0] == 202
+    assert await db.fetchval("SELECT count(*) FROM jobs WHERE user_id = 'burst'") == 5
