@@ -1,9 +1,12 @@
-"""Per-user limits hold across replicas: three `serve` processes on one database."""
+"""Per-user limits hold across replicas: `serve` processes on one database, and the
+operator's overrides set with `sorami-gateway limits` apply on all of them at once."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
@@ -13,7 +16,7 @@ from gateway.jobs.kinds import Kind
 from gateway.store import Database
 from tests.conftest import WEBHOOK_KEY
 from tests.factories import insert_job
-from tests.procs import Proc, free_port, serve_env, start, wait_ready
+from tests.procs import Proc, clean_env, free_port, serve_env, start, wait_ready
 from tests.signing import signed
 from tests.test_webhooks_ingest import ROUTES, completed
 from tests.tokens import user
@@ -23,10 +26,11 @@ CREATES = 100
 
 
 @contextlib.asynccontextmanager
-async def replicas(database_url: str, **env: str) -> AsyncIterator[list[str]]:
-    """The base URLs of three gateways on `database_url` with `env`; stopped afterwards."""
+async def replicas(database_url: str, count: int = REPLICAS,
+                   **env: str) -> AsyncIterator[list[str]]:
+    """The base URLs of `count` gateways on `database_url` with `env`; stopped afterwards."""
     procs: list[Proc] = []
-    ports = [free_port() for _ in range(REPLICAS)]
+    ports = [free_port() for _ in range(count)]
     try:
         for port in ports:
             procs.append(start(["serve", "--no-migrate"],
@@ -105,3 +109,59 @@ async def test_the_hourly_limit_holds_exactly_across_three_replicas(
             assert headers["RateLimit"].startswith('"images-hour";r=0;t=')
     assert other[0] == 202
     assert await db.fetchval("SELECT count(*) FROM jobs WHERE user_id = 'burst'") == 5
+
+
+def limits_cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "limits", *args],
+        env=clean_env(DATABASE_URL=database_url, USER_MAX_ACTIVE_IMAGE_JOBS="1"),
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+@pytest.mark.reliability
+async def test_an_override_set_from_the_cli_applies_on_every_replica_at_the_next_request(
+    database_url: str, db: Database
+) -> None:
+    async with (replicas(database_url, 2, USER_MAX_ACTIVE_IMAGE_JOBS="1") as (one, two),
+                aiohttp.ClientSession() as session):
+        assert (await create(session, one, "u1"))[0] == 202
+        assert (await create(session, two, "u1"))[0] == 429
+
+        done = limits_cli(database_url, "set", "--user", "u1", "--active-images", "2",
+                          "--by", "ops@example")
+        assert done.returncode == 0, done.stderr
+        assert "override" in done.stdout
+        status, headers, _ = await create(session, two, "u1")
+        assert status == 202
+        assert headers["RateLimit-Policy"].endswith('"images-active";q=2')
+        assert (await create(session, one, "u1"))[0] == 429
+
+        shown = limits_cli(database_url, "show", "--user", "u1")
+        assert shown.returncode == 0, shown.stderr
+        assert "active_images" in shown.stdout
+        assert "set by ops@example" in shown.stdout
+
+        done = limits_cli(database_url, "reset", "--user", "u1", "--by", "ops@example")
+        assert done.returncode == 0, done.stderr
+        assert "default USER_MAX_ACTIVE_IMAGE_JOBS" in done.stdout
+        # two active now, the default 1 again
+        assert (await create(session, one, "u1"))[0] == 429
+    changes = await db.fetch("SELECT action, changed_by FROM user_limit_changes ORDER BY id")
+    assert [(c["action"], c["changed_by"]) for c in changes] == [
+        ("set", "ops@example"), ("reset", "ops@example")]
+
+
+async def test_the_limits_cli_refuses_bad_input_and_writes_nothing(
+    database_url: str, db: Database
+) -> None:
+    negative = limits_cli(database_url, "set", "--user", "u1", "--active-images", "-1")
+    assert negative.returncode == 2
+    assert "--active-images" in negative.stderr
+    assert "0 or more" in negative.stderr
+    nothing = limits_cli(database_url, "set", "--user", "u1")
+    assert nothing.returncode == 1
+    assert "at least one of" in nothing.stderr
+    assert limits_cli(database_url, "show").returncode == 2  # --user is required
+    assert await db.fetchval("SELECT count(*) FROM user_limits") == 0
+    assert await db.fetchval("SELECT count(*) FROM user_limit_changes") == 0
