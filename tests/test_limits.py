@@ -212,3 +212,14 @@ async def test_setting_one_limit_keeps_the_others_of_the_override(db: Database) 
     assert stored.set_at <= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
     async with db.connection() as conn:
         assert await store_limits.reset_override(conn, "nobody", "ops") is False
+
+
+async def test_the_openapi_document_declares_the_429_of_both_create_routes(
+    client: Any,
+) -> None:
+    document = await (await client.get("/openapi.json")).json()
+    for kind in ("images", "videos"):
+        responses = document["paths"][f"/api/{kind}/generate"]["post"]["responses"]
+        assert set(responses["429"]["headers"]) == {"Retry-After", "RateLimit-Policy",
+                                                    "RateLimit"}
+        assert {"RateLimit-Policy", "RateLimit"} <= set(responses["202"]["headers"])
