@@ -105,6 +105,9 @@ class Settings:
     user_max_active_video_jobs: int = 3
     user_max_image_jobs_per_hour: int = 200
     user_max_video_jobs_per_hour: int = 20
+    # jobs of a kind handed to the backend and not yet terminal (0: no limit); the rest wait
+    backend_max_in_flight_image_jobs: int = 0
+    backend_max_in_flight_video_jobs: int = 0
 
     @property
     def embedded(self) -> bool:
@@ -116,6 +119,12 @@ class Settings:
         if kind is Kind.IMAGE:
             return Limits(self.user_max_active_image_jobs, self.user_max_image_jobs_per_hour)
         return Limits(self.user_max_active_video_jobs, self.user_max_video_jobs_per_hour)
+
+    def backend_max_in_flight(self, kind: Kind) -> int:
+        """How many jobs of `kind` may be with the backend at once (0: no limit)."""
+        if kind is Kind.IMAGE:
+            return self.backend_max_in_flight_image_jobs
+        return self.backend_max_in_flight_video_jobs
 
     def webhook_keys(self) -> tuple[bytes, ...]:
         """The raw HMAC keys behind the ``whsec_`` secrets."""
@@ -186,6 +195,10 @@ class Settings:
             user_max_active_video_jobs=p.integer("USER_MAX_ACTIVE_VIDEO_JOBS", 3, low=0),
             user_max_image_jobs_per_hour=p.integer("USER_MAX_IMAGE_JOBS_PER_HOUR", 200, low=0),
             user_max_video_jobs_per_hour=p.integer("USER_MAX_VIDEO_JOBS_PER_HOUR", 20, low=0),
+            backend_max_in_flight_image_jobs=p.integer(
+                "BACKEND_MAX_IN_FLIGHT_IMAGE_JOBS", 0, low=0),
+            backend_max_in_flight_video_jobs=p.integer(
+                "BACKEND_MAX_IN_FLIGHT_VIDEO_JOBS", 0, low=0),
         )
         settings.check_consistency()
         return settings

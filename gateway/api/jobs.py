@@ -115,10 +115,11 @@ def generate(kind: Kind) -> Handler:
         )
         # the backend's request body: the client's fields plus our job id and the user
         payload = {**fields, "job_id": new.id, "user_id": principal.user_id}
-        defaults = request.config_dict[keys.SETTINGS].user_limits(kind)
+        settings = request.config_dict[keys.SETTINGS]
         try:
             admitted = await job_usecases.create(
-                get_database(request.app), new, payload, defaults
+                get_database(request.app), new, payload, settings.user_limits(kind),
+                wait_for_admission=settings.backend_max_in_flight(kind) > 0,
             )
         except job_usecases.LimitReached as refused:
             metrics.CREATES_REFUSED.labels(kind=kind.value, limit=refused.extra["limit"]).inc()

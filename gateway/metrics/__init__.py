@@ -29,6 +29,11 @@ CREATES_REFUSED = Counter(
     "Creates answered 429 because the user was at a limit, by kind and limit (the setting).",
     ["kind", "limit"],
 )
+BACKEND_PAUSES = Counter(
+    "sorami_backend_pauses_total",
+    "Pauses of admission toward the backend after its 429 with Retry-After, by kind.",
+    ["kind"],
+)
 NOTIFICATIONS_CREATED = Counter(
     "sorami_notifications_created_total", "Notifications created, by type.", ["type"]
 )

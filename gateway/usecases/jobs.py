@@ -41,12 +41,18 @@ class Admitted:
 
 
 async def create(
-    db: Database, new: NewJob, payload: dict[str, Any], defaults: Limits
+    db: Database,
+    new: NewJob,
+    payload: dict[str, Any],
+    defaults: Limits,
+    *,
+    wait_for_admission: bool = False,
 ) -> Admitted:
     """The job `new` with its delivery of `payload` to the backend, committed together; or
     the job an earlier request with the same idempotency key made. KeyReused when that
     request was a different one; LimitReached, with nothing written, when the user is at a
-    limit (`defaults` unless an operator overrode them for the user)."""
+    limit (`defaults` unless an operator overrode them for the user). With
+    `wait_for_admission` the delivery waits until a dispatcher admits it."""
     async with db.transaction() as conn:
         # the user's creates of this kind queue here, on every replica, until each commits
         override = await store_limits.lock_and_read_override(conn, new.user_id, new.kind)
@@ -68,7 +74,9 @@ async def create(
                 value=refusal.value,
                 extra_headers=headers,
             )
-        created = await owned_jobs.create(conn, new, "generate", payload)
+        created = await owned_jobs.create(
+            conn, new, "generate", payload, wait_for_admission=wait_for_admission
+        )
         after = dataclasses.replace(
             usage, active=usage.active + 1, in_window=usage.in_window + 1,
             oldest_leaves_at=usage.oldest_leaves_at or created.created_at + job_limits.WINDOW,

@@ -27,3 +27,13 @@ CREATE INDEX user_limit_changes_user ON user_limit_changes (user_id, id);
 -- a user's active jobs of a kind, counted under the create's lock
 CREATE INDEX jobs_user_active ON jobs (user_id, kind)
     WHERE status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT');
+
+-- Admission toward the backend: a generate call of a kind with BACKEND_MAX_IN_FLIGHT_*
+-- waits with due_at 'infinity' until a dispatcher admits it (makes it due now); a backend
+-- 429 with Retry-After pauses admissions of that kind until paused_until.
+CREATE TABLE backend_pauses (
+    kind          job_kind PRIMARY KEY,
+    paused_until  timestamptz NOT NULL
+);
+CREATE INDEX outbox_waiting ON outbox (created_at, id)
+    WHERE due_at = 'infinity' AND delivered_at IS NULL AND failed_at IS NULL;
