@@ -81,6 +81,12 @@ async def test_the_backend_sees_exactly_the_cap_and_one_more_after_each_completi
     assert len(backend.accepted) == 2
     waiting = await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'PENDING'")
     assert waiting == 3
+    scrape = await (await client.get("/metrics")).text()
+    assert 'sorami_admission_waiting{kind="image"} 3.0' in scrape
+    assert 'sorami_admission_waiting{kind="video"} 0.0' in scrape
+    age = next(line for line in scrape.splitlines()
+               if line.startswith('sorami_admission_oldest_waiting_age_seconds{kind="image"}'))
+    assert 2.0 <= float(age.split()[-1]) < 60
 
     first = next(iter(backend.accepted))
     await complete(client, first)
@@ -117,6 +123,8 @@ async def test_a_backend_429_with_retry_after_pauses_every_handover_of_its_kind(
     await eventually(lambda: _called(backend, second), timeout=15, every=0.05)
     waited = backend.calls_for(second)[0].started - refused_at
     assert 2.5 <= waited <= 3 + 2 + 1  # the pause, at most a poll, some slack
+    scrape = await (await client.get("/metrics")).text()
+    assert 'sorami_backend_pauses_total{kind="image"}' in scrape
     await handed_over(backend, 2)
     assert first in backend.accepted
 
