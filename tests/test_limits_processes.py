@@ -8,12 +8,14 @@ import contextlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.jobs.kinds import Kind
 from gateway.store import Database
+from tests.backend import ScriptedBackend, eventually
 from tests.conftest import WEBHOOK_KEY
 from tests.factories import insert_job
 from tests.procs import Proc, clean_env, free_port, serve_env, start, wait_ready
@@ -165,3 +167,33 @@ async def test_the_limits_cli_refuses_bad_input_and_writes_nothing(
     assert limits_cli(database_url, "show").returncode == 2  # --user is required
     assert await db.fetchval("SELECT count(*) FROM user_limits") == 0
     assert await db.fetchval("SELECT count(*) FROM user_limit_changes") == 0
+
+
+@pytest.mark.reliability
+async def test_the_backend_in_flight_cap_holds_across_three_replicas(
+    database_url: str, db: Database, aiohttp_server: Any
+) -> None:
+    backend = ScriptedBackend()  # accepts every job and never sends a webhook
+    await backend.start(aiohttp_server)
+    async with (replicas(database_url, BACKEND_URL=backend.url, USER_MAX_ACTIVE_IMAGE_JOBS="0",
+                         BACKEND_MAX_IN_FLIGHT_IMAGE_JOBS="2") as bases,
+                aiohttp.ClientSession() as session):
+        answers = await asyncio.gather(
+            *(create(session, bases[n % REPLICAS], f"user_{n % 4}") for n in range(12)))
+        assert [status for status, _, _ in answers] == [202] * 12
+        await eventually(lambda: _accepted(backend, 2), timeout=15, every=0.05)
+        await asyncio.sleep(3)  # more than a poll of every replica: nothing more goes
+        assert len(backend.accepted) == 2
+
+        payload, headers = signed(completed(next(iter(backend.accepted))), WEBHOOK_KEY, "m2")
+        async with session.post(bases[2] + ROUTES[Kind.IMAGE], data=payload,
+                                headers=headers) as resp:
+            assert resp.status == 200
+        await eventually(lambda: _accepted(backend, 3), timeout=15, every=0.05)
+        await asyncio.sleep(3)
+        assert len(backend.accepted) == 3
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE due_at = 'infinity'") == 9
+
+
+async def _accepted(backend: ScriptedBackend, count: int) -> bool:
+    return len(backend.accepted) >= count
