@@ -223,3 +223,18 @@ async def test_the_openapi_document_declares_the_429_of_both_create_routes(
         assert set(responses["429"]["headers"]) == {"Retry-After", "RateLimit-Policy",
                                                     "RateLimit"}
         assert {"RateLimit-Policy", "RateLimit"} <= set(responses["202"]["headers"])
+
+
+async def test_an_override_applies_when_the_defaults_are_off(
+    make_settings: Callable[..., Settings], aiohttp_client: Any, db: Database
+) -> None:
+    client = await limited_client(make_settings, aiohttp_client)
+    async with db.transaction() as conn:
+        await store_limits.set_override(conn, "user_a", Override(active_images=1), "ops")
+    first = await create(client, "images", IMAGE)
+    assert first.headers["RateLimit-Policy"] == '"images-active";q=1'
+    assert (await create(client, "images", IMAGE)).status == 429
+    # the override names images only: videos stay unlimited
+    assert (await create(client, "videos", VIDEO)).status == 202
+    assert (await create(client, "videos", VIDEO)).status == 202
+    assert (await create(client, "images", IMAGE, sub="user_b")).status == 202

@@ -71,6 +71,15 @@ async def usage(
     return Usage(row["active"], row["in_window"], row["oldest_leaves_at"], frees_at), row["now"]
 
 
+READ_OVERRIDE = f"SELECT {_OVERRIDE_COLUMNS} FROM user_limits WHERE user_id = $1"
+
+
+async def read_override(conn: asyncpg.Connection, user_id: str) -> Override | None:
+    """The user's override, if any, without the create lock."""
+    row = await conn.fetchrow(READ_OVERRIDE, user_id)
+    return _override(row) if row else None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class StoredOverride:
     user_id: str

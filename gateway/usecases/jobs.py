@@ -53,37 +53,47 @@ async def create(
     request was a different one; LimitReached, with nothing written, when the user is at a
     limit (`defaults` unless an operator overrode them for the user). With
     `wait_for_admission` the delivery waits until a dispatcher admits it."""
+    off = Limits(0, 0)
+    headers: dict[str, str] = {}
     async with db.transaction() as conn:
-        # the user's creates of this kind queue here, on every replica, until each commits
-        override = await store_limits.lock_and_read_override(conn, new.user_id, new.kind)
-        limits = override.applied(new.kind, defaults) if override else defaults
-        usage, now = await store_limits.usage(conn, new.user_id, new.kind, limits.per_hour)
-        headers = job_limits.headers(new.kind, limits, usage, now)
-        if new.idempotency_key is not None:
-            earlier = await owned_jobs.find_by_idempotency_key(conn, new)
-            if earlier is not None:
-                if not earlier.same_request:
-                    raise KeyReused()
-                return Admitted(earlier, headers)
-        refusal = job_limits.check(new.kind, limits, usage, now)
-        if refusal is not None:
-            raise LimitReached(
-                f"{refusal.limit} is {refusal.value}",
-                retry_after=refusal.retry_after,
-                limit=refusal.limit,
-                value=refusal.value,
-                extra_headers=headers,
-            )
+        limits = defaults
+        if defaults == off:
+            # both off unless the user has an override: then no lock and no counts
+            override = await store_limits.read_override(conn, new.user_id)
+            limits = override.applied(new.kind, defaults) if override else defaults
+        if limits != off:
+            # the user's creates of this kind queue here, on every replica, until each commits
+            override = await store_limits.lock_and_read_override(conn, new.user_id, new.kind)
+            limits = override.applied(new.kind, defaults) if override else defaults
+            usage, now = await store_limits.usage(conn, new.user_id, new.kind, limits.per_hour)
+            headers = job_limits.headers(new.kind, limits, usage, now)
+            if new.idempotency_key is not None:
+                earlier = await owned_jobs.find_by_idempotency_key(conn, new)
+                if earlier is not None:
+                    if not earlier.same_request:
+                        raise KeyReused()
+                    return Admitted(earlier, headers)
+            refusal = job_limits.check(new.kind, limits, usage, now)
+            if refusal is not None:
+                raise LimitReached(
+                    f"{refusal.limit} is {refusal.value}",
+                    retry_after=refusal.retry_after,
+                    limit=refusal.limit,
+                    value=refusal.value,
+                    extra_headers=headers,
+                )
         created = await owned_jobs.create(
             conn, new, "generate", payload, wait_for_admission=wait_for_admission
         )
-        after = dataclasses.replace(
-            usage, active=usage.active + 1, in_window=usage.in_window + 1,
-            oldest_leaves_at=usage.oldest_leaves_at or created.created_at + job_limits.WINDOW,
-        )
+        if headers:
+            after = dataclasses.replace(
+                usage, active=usage.active + 1, in_window=usage.in_window + 1,
+                oldest_leaves_at=usage.oldest_leaves_at or created.created_at + job_limits.WINDOW,
+            )
+            headers = job_limits.headers(new.kind, limits, after, now)
     if not created.same_request:
         raise KeyReused()
-    return Admitted(created, job_limits.headers(new.kind, limits, after, now))
+    return Admitted(created, headers)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
