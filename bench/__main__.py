@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                         "else: what the gateway's own work costs) instead of the gateway")
     parser.add_argument("--creates", type=int, default=20_000,
                         help="job creations per create repetition (default 20000)")
+    parser.add_argument("--user-limits", choices=("off", "on"), default="off",
+                        help="create: per-user limits off (0), or on and set high enough that "
+                        "none refuses (their lock and counts are measured) (default off)")
     parser.add_argument("--subscribers", type=int, default=1000,
                         help="SSE subscribers (default 1000)")
     parser.add_argument("--sse-jobs", type=int, default=100,

@@ -54,6 +54,14 @@ def request_body(n: int) -> bytes:
     )
 
 
+def user_limits(mode: str, count: int) -> dict[str, str]:
+    """The per-user limits of the run: off, or on at a value no user of the run reaches."""
+    value = "0" if mode == "off" else str(count + 1)
+    return {name: value for name in ("USER_MAX_ACTIVE_IMAGE_JOBS", "USER_MAX_ACTIVE_VIDEO_JOBS",
+                                     "USER_MAX_IMAGE_JOBS_PER_HOUR",
+                                     "USER_MAX_VIDEO_JOBS_PER_HOUR")}
+
+
 def tokens(secret: str) -> list[str]:
     now = int(time.time())
     return [
@@ -80,6 +88,7 @@ def pgbench_script() -> str:
         pgbench.bind(owned_jobs.CREATE_AND_ENQUEUE, {
             1: ":id", 2: ":kind", 3: ":user", 4: "NULL", 5: ":prompt", 6: ":prompt_norm",
             7: ":params", 8: ":message", 9: "NULL", 10: "NULL", 11: ":action", 12: ":payload",
+            13: "false",
         }),
         r"\set n :n + 1",
         "",
@@ -125,7 +134,8 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
     count: int = args.creates
     # pgbench runs before and after the gateway, each half as many transactions
     per_client = math.ceil(count / CONNECTIONS / 2)
-    detail: dict[str, Any] = {"creates": count, "connections": CONNECTIONS, "repetitions": []}
+    detail: dict[str, Any] = {"creates": count, "connections": CONNECTIONS,
+                              "user_limits": args.user_limits, "repetitions": []}
     secret, _ = new_webhook_secret()
     hs_secret = "bench-create-" + "y" * 40
     script = pgbench_script()
@@ -160,7 +170,8 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                 stream_path = out / f"create-stream-{rep}.bin"
                 write_requests(stream_path, stream)
                 env = gateway_env(dsn, port, WEBHOOK_SECRETS=secret, AUTH_HS256_SECRET=hs_secret,
-                                  BACKEND_URL=f"http://127.0.0.1:{backend_port}")
+                                  BACKEND_URL=f"http://127.0.0.1:{backend_port}",
+                                  **user_limits(args.user_limits, count))
                 server = Server(["serve", "--workers", str(args.workers), "--no-migrate"], env,
                                 out / f"create-server-{rep}.log")
                 try:

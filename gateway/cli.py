@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from gateway import embedded, server
+from gateway import embedded, limits_cli, server
 from gateway.auth import dev_token
 from gateway.errors import GatewayError
 from gateway.logging import configure as configure_logging
@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=16, help="jobs to submit (at least the 16 of the base plan)"
     )
     demo.add_argument("--fast", action="store_true", help="short webhook delays (for CI)")
+
+    limits_cli.add_parser(commands)
     return parser
 
 
@@ -181,12 +183,18 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     return demo.run(settings.data_dir, jobs=args.jobs, fast=args.fast)
 
 
+def _limits(settings: Settings, args: argparse.Namespace) -> int:
+    with embedded.resolved(settings) as ready:
+        return limits_cli.run(ready, args)
+
+
 _COMMANDS = {
     "serve": _serve,
     "migrate": _migrate,
     "token": _token,
     "simulate-backend": _simulate_backend,
     "demo": _demo,
+    "limits": _limits,
 }
 
 

@@ -150,3 +150,26 @@ class ServiceUnavailable(ProblemError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class TooManyRequests(ProblemError):
+    """Too many requests; retry later."""
+
+    status = 429
+    slug = "too-many-requests"
+    title = "Too Many Requests"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after: int,
+        extra_headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message, **extra)
+        self.retry_after = retry_after
+        self.extra_headers = extra_headers or {}
+
+    def headers(self) -> dict[str, str]:
+        return {**self.extra_headers, "Retry-After": str(self.retry_after)}

@@ -35,6 +35,10 @@ class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: int
     detail: str | None = None
     field: Annotated[str | None, msgspec.Meta(description="the invalid field, on 422/413")] = None
+    limit: Annotated[
+        str | None, msgspec.Meta(description="the limit reached (its setting's name), on 429")
+    ] = None
+    value: Annotated[int | None, msgspec.Meta(description="that limit's value, on 429")] = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -101,6 +105,11 @@ _HEADER_DOCS: Final = {
     "WWW-Authenticate": "`Bearer`",
     "Retry-After": "seconds to wait before retrying",
     "Idempotent-Replayed": "`true` when an earlier request with this Idempotency-Key made the job",
+    "RateLimit-Policy": 'the caller\'s limits for this kind (IETF httpapi-ratelimit-headers), '
+    'e.g. `"images-hour";q=200;w=3600, "images-active";q=10`; absent when both are off',
+    "RateLimit": "what remains of each policy, and for the hourly one the seconds until its "
+    'oldest counted creation leaves the window: `"images-hour";r=150;t=1800, '
+    '"images-active";r=7`',
 }
 
 

@@ -13,6 +13,8 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from gateway.errors import GatewayError
+from gateway.jobs.kinds import Kind
+from gateway.jobs.limits import Limits
 from gateway.store.dsn import DatabaseURL, InvalidDatabaseURL
 
 DEFAULT_RETRY_SCHEDULE: Final = (5.0, 30.0, 120.0, 600.0, 1800.0, 7200.0)
@@ -100,11 +102,31 @@ class Settings:
     auth_session_cookie: str | None = "__session"
     # the review console: the JWT subjects allowed to see and decide orphans
     review_operators: tuple[str, ...] = ()
+    # per-user limits on creating jobs (0: off); overrides per user live in the database
+    user_max_active_image_jobs: int = 10
+    user_max_active_video_jobs: int = 3
+    user_max_image_jobs_per_hour: int = 200
+    user_max_video_jobs_per_hour: int = 20
+    # jobs of a kind handed to the backend and not yet terminal (0: no limit); the rest wait
+    backend_max_in_flight_image_jobs: int = 0
+    backend_max_in_flight_video_jobs: int = 0
 
     @property
     def embedded(self) -> bool:
         """True when no DATABASE_URL is given and the embedded PostgreSQL is used."""
         return self.database_url is None
+
+    def user_limits(self, kind: Kind) -> Limits:
+        """The per-user limits on creating jobs of `kind` that apply without an override."""
+        if kind is Kind.IMAGE:
+            return Limits(self.user_max_active_image_jobs, self.user_max_image_jobs_per_hour)
+        return Limits(self.user_max_active_video_jobs, self.user_max_video_jobs_per_hour)
+
+    def backend_max_in_flight(self, kind: Kind) -> int:
+        """How many jobs of `kind` may be with the backend at once (0: no limit)."""
+        if kind is Kind.IMAGE:
+            return self.backend_max_in_flight_image_jobs
+        return self.backend_max_in_flight_video_jobs
 
     def webhook_keys(self) -> tuple[bytes, ...]:
         """The raw HMAC keys behind the ``whsec_`` secrets."""
@@ -172,6 +194,14 @@ class Settings:
             cors_allowed_origins=p.origins("CORS_ALLOWED_ORIGINS"),
             auth_session_cookie=p.cookie_name("AUTH_SESSION_COOKIE", "__session"),
             review_operators=p.words("REVIEW_OPERATORS"),
+            user_max_active_image_jobs=p.integer("USER_MAX_ACTIVE_IMAGE_JOBS", 10, low=0),
+            user_max_active_video_jobs=p.integer("USER_MAX_ACTIVE_VIDEO_JOBS", 3, low=0),
+            user_max_image_jobs_per_hour=p.integer("USER_MAX_IMAGE_JOBS_PER_HOUR", 200, low=0),
+            user_max_video_jobs_per_hour=p.integer("USER_MAX_VIDEO_JOBS_PER_HOUR", 20, low=0),
+            backend_max_in_flight_image_jobs=p.integer(
+                "BACKEND_MAX_IN_FLIGHT_IMAGE_JOBS", 0, low=0),
+            backend_max_in_flight_video_jobs=p.integer(
+                "BACKEND_MAX_IN_FLIGHT_VIDEO_JOBS", 0, low=0),
         )
         settings.check_consistency()
         return settings

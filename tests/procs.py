@@ -39,8 +39,15 @@ def free_port() -> int:
         return port
 
 
+# Processes started by tests create jobs freely; the tests of the per-user limits set them.
+USER_LIMITS_OFF = {name: "0" for name in (
+    "USER_MAX_ACTIVE_IMAGE_JOBS", "USER_MAX_ACTIVE_VIDEO_JOBS",
+    "USER_MAX_IMAGE_JOBS_PER_HOUR", "USER_MAX_VIDEO_JOBS_PER_HOUR")}
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in BASE_ENV_DROP}
+    env.update(USER_LIMITS_OFF)
     env.update(extra)
     return env
 

@@ -66,7 +66,9 @@ def _job_routes(kind: Kind) -> list[Route]:
                 f"Create a job generating {kind.plural}", tag,
                 description=(
                     "The job and its delivery to the generator are committed before the "
-                    "answer; the generator is called in the background, with retries."
+                    "answer; the generator is called in the background, with retries. "
+                    "Per-user limits apply (active jobs, jobs per hour); a replay of an "
+                    "accepted create with its Idempotency-Key is never refused."
                 ),
                 body=REQUEST_TYPES[kind],
                 headers=(Header(jobs.IDEMPOTENCY_HEADER,
@@ -76,11 +78,14 @@ def _job_routes(kind: Kind) -> list[Route]:
                 bearer=True,
                 replies=(
                     Reply(202, "The job is committed", JobAccepted,
-                          headers=("Idempotent-Replayed",)),
+                          headers=("Idempotent-Replayed", "RateLimit-Policy", "RateLimit")),
                     problem(400, "The body is not JSON"),
                     UNAUTHORIZED,
                     problem(413, "The body, or the input image, is too large"),
                     problem(422, "A field is invalid; `field` names it"),
+                    problem(429, "The caller is at a limit on creating jobs of this kind; "
+                                 "`limit` names it, `value` is its value; nothing was created",
+                            "Retry-After", "RateLimit-Policy", "RateLimit"),
                     UNAVAILABLE,
                 ),
             ),

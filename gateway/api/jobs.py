@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway import metrics
+from gateway import keys, metrics
 from gateway.api import cursors
 from gateway.api.schemas import (
     REQUEST_TYPES,
@@ -115,13 +115,29 @@ def generate(kind: Kind) -> Handler:
         )
         # the backend's request body: the client's fields plus our job id and the user
         payload = {**fields, "job_id": new.id, "user_id": principal.user_id}
+        settings = request.config_dict[keys.SETTINGS]
         try:
-            created = await job_usecases.create(get_database(request.app), new, payload)
+            admitted = await job_usecases.create(
+                get_database(request.app), new, payload, settings.user_limits(kind),
+                wait_for_admission=settings.backend_max_in_flight(kind) > 0,
+            )
+        except job_usecases.LimitReached as refused:
+            metrics.CREATES_REFUSED.labels(kind=kind.value, limit=refused.extra["limit"]).inc()
+            log.info(
+                "job_create_refused",
+                kind=kind.value,
+                user_id=principal.user_id,
+                limit=refused.extra["limit"],
+                value=refused.extra["value"],
+                retry_after=refused.retry_after,
+            )
+            raise
         except job_usecases.KeyReused:
             raise Unprocessable(
                 f"{IDEMPOTENCY_HEADER}: already used with a different request",
                 field=IDEMPOTENCY_HEADER,
             ) from None
+        created = admitted.created
         if created.inserted:
             metrics.JOBS_CREATED.labels(kind=kind.value).inc()
             log.info(
@@ -138,7 +154,9 @@ def generate(kind: Kind) -> Handler:
             message=created.message,
             created_at=created.created_at,
         )
-        headers = None if created.inserted else {"Idempotent-Replayed": "true"}
+        headers = dict(admitted.headers)
+        if not created.inserted:
+            headers["Idempotent-Replayed"] = "true"
         return respond(accepted, status=202, headers=headers)
 
     return handler

@@ -24,6 +24,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
+import asyncpg
 import structlog
 from tenacity import (
     AsyncRetrying,
@@ -35,9 +36,10 @@ from tenacity import (
 
 from gateway import metrics
 from gateway.delivery.backend import Accepted, BackendClient, Refused, Transient, Unsendable
+from gateway.jobs.kinds import Kind
 from gateway.jobs.state import Status
 from gateway.settings import Settings
-from gateway.store import Database, StoreError, StoreUnavailable, outbox
+from gateway.store import Database, StoreError, StoreUnavailable, admission, outbox
 from gateway.usecases import delivery
 
 log = structlog.get_logger(__name__)
@@ -92,6 +94,10 @@ class Dispatcher:
         self.schedule = settings.delivery_retry_schedule
         self.lease_seconds = lease_seconds(self.timeout)
         self.max_in_flight = max_in_flight
+        # BACKEND_MAX_IN_FLIGHT_*: kinds whose generate calls wait to be admitted
+        self.caps = {kind: settings.backend_max_in_flight(kind) for kind in Kind}
+        # calls left waiting by an earlier configuration of a kind now uncapped: admit once
+        self._uncapped_released = False
         self.poll_seconds = poll_seconds
         # an in-flight try ends within its timeout; then its outcome is written
         self.drain_seconds = (
@@ -164,6 +170,7 @@ class Dispatcher:
                 claimed_at = loop.time()
                 try:
                     async with self.database.connection() as conn:
+                        await self._admit(conn)
                         rows = await outbox.claim(
                             conn, owner=self.owner, lease_seconds=self.lease_seconds, limit=free
                         )
@@ -186,6 +193,26 @@ class Dispatcher:
                 if next_due is not None:
                     timeout = min(self.poll_seconds, max(next_due, MIN_SLEEP))
             await self._sleep(timeout)
+
+    async def _admit(self, conn: asyncpg.Connection) -> None:
+        """Make due the waiting generate calls that the in-flight caps leave room for."""
+        for kind, cap in self.caps.items():
+            if cap or not self._uncapped_released:
+                admitted = await admission.admit(conn, kind, cap)
+                if admitted:
+                    log.info("delivery_admitted", kind=kind.value, jobs=admitted, cap=cap)
+        self._uncapped_released = True
+
+    async def pause(self, kind: Kind, seconds: float) -> None:
+        """No admission of `kind` for `seconds`, on every replica (a backend 429)."""
+        try:
+            async with self.database.connection() as conn:
+                await admission.pause(conn, kind, seconds)
+        except StoreError as exc:
+            log.warning("delivery_pause_failed", kind=kind.value, error=str(exc))
+            return
+        metrics.BACKEND_PAUSES.labels(kind=kind.value).inc()
+        log.info("delivery_paused", kind=kind.value, seconds=seconds)
 
     async def _sleep(self, seconds: float | None) -> None:
         with contextlib.suppress(TimeoutError):
@@ -373,6 +400,9 @@ class _Attempt:
 
     async def _reschedule(self, exc: Transient) -> None:
         row = self.row
+        if exc.status == 429 and exc.retry_after and self.d.caps[row.kind]:
+            # the backend's quota is shared by every job of the kind, not only this one
+            await self.d.pause(row.kind, min(exc.retry_after, MAX_RETRY_AFTER))
         delay = self.d.retry_delay(row.attempts, exc.retry_after)
         held = await _settle(lambda: delivery.retried(
             self.d.database, row, owner=self.d.owner, delay_seconds=delay, error=exc.message))

@@ -78,6 +78,11 @@ class Demo:
             delivery_retry_schedule=(0.2, 0.5, 1.0, 2.0),
             db_pool_min=1,
             db_pool_max=8,
+            # `--jobs N` submits them all at once: the per-user limits would refuse some
+            user_max_active_image_jobs=0,
+            user_max_active_video_jobs=0,
+            user_max_image_jobs_per_hour=0,
+            user_max_video_jobs_per_hour=0,
         )
         simulator = SimulatedBackend(
             SimulatorConfig(

@@ -24,6 +24,16 @@ DELIVERY_ATTEMPTS = Counter(
     ["action", "outcome"],
 )
 JOBS_CREATED = Counter("sorami_jobs_created_total", "Jobs created, by kind.", ["kind"])
+CREATES_REFUSED = Counter(
+    "sorami_creates_refused_total",
+    "Creates answered 429 because the user was at a limit, by kind and limit (the setting).",
+    ["kind", "limit"],
+)
+BACKEND_PAUSES = Counter(
+    "sorami_backend_pauses_total",
+    "Pauses of admission toward the backend after its 429 with Retry-After, by kind.",
+    ["kind"],
+)
 NOTIFICATIONS_CREATED = Counter(
     "sorami_notifications_created_total", "Notifications created, by type.", ["type"]
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import structlog
 from prometheus_client.core import GaugeMetricFamily
@@ -22,6 +22,7 @@ from gateway.jobs.state import TERMINAL, Status
 from gateway.store import stats
 from gateway.store.database import Database
 from gateway.store.errors import StoreError
+from gateway.store.stats import Backlog
 
 log = structlog.get_logger(__name__)
 
@@ -146,21 +147,20 @@ class DatabaseGauges:
             value=oldest_due + held if oldest_due is not None else 0.0,
         )
 
-        orphans = GaugeMetricFamily(
-            "sorami_orphans_unresolved",
-            "Orphaned backend jobs not yet resolved (state unresolved or unmatched), by kind.",
-            labels=["kind"],
+        orphans, orphan_age = _backlog_by_kind(
+            active.open_orphans, held,
+            ("sorami_orphans_unresolved",
+             "Orphaned backend jobs not yet resolved (state unresolved or unmatched), by kind."),
+            ("sorami_orphans_oldest_unresolved_age_seconds",
+             "Seconds since the oldest unresolved orphan was first seen, by kind (0 when none)."),
         )
-        orphan_age = GaugeMetricFamily(
-            "sorami_orphans_oldest_unresolved_age_seconds",
-            "Seconds since the oldest unresolved orphan was first seen, by kind (0 when none).",
-            labels=["kind"],
+        waiting, waiting_age = _backlog_by_kind(
+            active.admission_waiting, held,
+            ("sorami_admission_waiting",
+             "Jobs waiting for admission toward the backend (BACKEND_MAX_IN_FLIGHT_*), by kind."),
+            ("sorami_admission_oldest_waiting_age_seconds",
+             "Seconds the oldest job waiting for admission has waited, by kind (0 when none)."),
         )
-        by_kind = {o.kind: o for o in active.open_orphans}
-        for kind in Kind:
-            open_ = by_kind.get(kind)
-            orphans.add_metric([kind], open_.count if open_ else 0)
-            orphan_age.add_metric([kind], open_.oldest_age_seconds + held if open_ else 0.0)
 
         reasons = GaugeMetricFamily(
             "sorami_orphans_open_by_reason",
@@ -177,5 +177,20 @@ class DatabaseGauges:
         )
         return [
             up, query, jobs, oldest_job, outbox_due, outbox_pending, outbox_age,
-            orphans, orphan_age, reasons, reconcile,
+            orphans, orphan_age, reasons, reconcile, waiting, waiting_age,
         ]
+
+
+def _backlog_by_kind(
+    rows: Iterable[Backlog], held: float, count: tuple[str, str], age: tuple[str, str]
+) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    """A count and an oldest age per kind (zeros for a kind without rows); ages advanced by
+    the `held` seconds the figures sat in the cache."""
+    counts = GaugeMetricFamily(*count, labels=["kind"])
+    ages = GaugeMetricFamily(*age, labels=["kind"])
+    by_kind = {row.kind: row for row in rows}
+    for kind in Kind:
+        row = by_kind.get(kind)
+        counts.add_metric([kind], row.count if row else 0)
+        ages.add_metric([kind], row.oldest_age_seconds + held if row else 0.0)
+    return counts, ages

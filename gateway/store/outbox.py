@@ -123,11 +123,12 @@ RETURNING o.id, o.job_id, o.action, o.payload, o.attempts, j.kind, j.status, j.u
 """
 
 # Seconds until the next row may become claimable (its due time or the end of its lease);
-# NULL when nothing is waiting. Blocked cancels are left out: they wake with their generate.
+# NULL when nothing is waiting. Blocked cancels are left out: they wake with their generate;
+# so are calls waiting for admission (due 'infinity'): an admission makes them due.
 NEXT_DUE = """
 SELECT EXTRACT(EPOCH FROM min(GREATEST(o.due_at, COALESCE(o.leased_until, o.due_at))) - now())
 FROM outbox o
-WHERE o.delivered_at IS NULL AND o.failed_at IS NULL
+WHERE o.delivered_at IS NULL AND o.failed_at IS NULL AND o.due_at <> 'infinity'
   AND NOT (o.action = 'cancel' AND EXISTS (
         SELECT 1 FROM outbox g
         WHERE g.job_id = o.job_id AND g.action = 'generate'

@@ -43,7 +43,8 @@ class Created:
 
 
 # The job and its first outbox row (with the dispatcher's wake-up) in one statement, so one
-# round trip commits both or neither. The unique index jobs_idempotency decides between
+# round trip commits both or neither. With $13 the call waits for admission (see
+# store.admission). The unique index jobs_idempotency decides between
 # concurrent creates with one key: the loser inserts nothing, neither job nor outbox row.
 CREATE_AND_ENQUEUE = """
 WITH job AS (
@@ -53,8 +54,8 @@ WITH job AS (
     ON CONFLICT (user_id, kind, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, status, message, created_at
 ), delivery AS (
-    INSERT INTO outbox (job_id, action, payload)
-    SELECT id, $11, $12 FROM job
+    INSERT INTO outbox (job_id, action, payload, due_at)
+    SELECT id, $11, $12, CASE WHEN $13 THEN 'infinity'::timestamptz ELSE now() END FROM job
     RETURNING id
 )
 SELECT job.id, job.status, job.message, job.created_at,
@@ -70,7 +71,12 @@ WHERE user_id = $1 AND kind = $2 AND idempotency_key = $3
 
 
 async def create(
-    conn: asyncpg.Connection, new: NewJob, action: str, payload: dict[str, Any]
+    conn: asyncpg.Connection,
+    new: NewJob,
+    action: str,
+    payload: dict[str, Any],
+    *,
+    wait_for_admission: bool = False,
 ) -> Created:
     """Insert a job with its outbox row (`action`, `payload`) in one statement (its own
     transaction, or the caller's), or find the job its Idempotency-Key already made."""
@@ -88,14 +94,23 @@ async def create(
         new.request_hash,
         action,
         payload,
+        wait_for_admission,
     )
     if row is not None:
         return Created(row["id"], Status(row["status"]), row["message"], row["created_at"], True)
     # the conflicting insert has committed (the unique index waited for it): read it back
+    existing = await find_by_idempotency_key(conn, new)
+    assert existing is not None, "ON CONFLICT without a conflicting row"
+    return existing
+
+
+async def find_by_idempotency_key(conn: asyncpg.Connection, new: NewJob) -> Created | None:
+    """The job an earlier request with `new`'s Idempotency-Key made, if any."""
     existing = await conn.fetchrow(
         FIND_BY_IDEMPOTENCY_KEY, new.user_id, new.kind.value, new.idempotency_key
     )
-    assert existing is not None, "ON CONFLICT without a conflicting row"
+    if existing is None:
+        return None
     return Created(
         existing["id"],
         Status(existing["status"]),

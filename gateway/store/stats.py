@@ -40,6 +40,12 @@ SELECT
            FROM orphans
            WHERE state IN ('unresolved', 'unmatched')
            GROUP BY kind, review_reason) AS why) AS open_orphan_reasons,
+    (SELECT coalesce(jsonb_agg(jsonb_build_array(kind, n, age)), '[]'::jsonb)
+     FROM (SELECT j.kind::text, count(*) AS n,
+                  extract(epoch FROM now() - min(o.created_at))::float8 AS age
+           FROM outbox o JOIN jobs j ON j.id = o.job_id
+           WHERE o.due_at = 'infinity' AND o.delivered_at IS NULL AND o.failed_at IS NULL
+           GROUP BY j.kind) AS waiting) AS admission_waiting,
     (SELECT extract(epoch FROM max(finished_at))::float8
      FROM reconcile_runs
      WHERE state = 'succeeded' AND NOT dry_run) AS last_reconcile
@@ -70,7 +76,9 @@ class ActiveJobs:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class OpenOrphans:
+class Backlog:
+    """Things of one kind waiting: how many, and how long the oldest has waited."""
+
     kind: str
     count: int
     oldest_age_seconds: float
@@ -84,10 +92,12 @@ class ActiveSnapshot:
     outbox_due: int
     outbox_pending: int
     outbox_oldest_due_age_seconds: float | None
-    open_orphans: tuple[OpenOrphans, ...]
+    open_orphans: tuple[Backlog, ...]
     last_reconcile_success: float | None
     # (kind, the latest decision's outcome or "undecided", how many)
     open_orphan_reasons: tuple[tuple[str, str, int], ...] = ()
+    # jobs whose delivery waits for admission toward the backend (BACKEND_MAX_IN_FLIGHT_*)
+    admission_waiting: tuple[Backlog, ...] = ()
 
 
 async def active_snapshot(conn: asyncpg.Connection) -> ActiveSnapshot:
@@ -96,14 +106,18 @@ async def active_snapshot(conn: asyncpg.Connection) -> ActiveSnapshot:
     assert row is not None  # an aggregate over FROM (SELECT ...) always yields one row
     active: list[list[Any]] = row["active_jobs"]
     orphans: list[list[Any]] = row["open_orphans"]
+    waiting: list[list[Any]] = row["admission_waiting"]
     return ActiveSnapshot(
         active_jobs=tuple(ActiveJobs(k, s, int(n), float(age)) for k, s, n, age in active),
         outbox_due=row["due"],
         outbox_pending=row["pending"],
         outbox_oldest_due_age_seconds=row["oldest_due_age"],
-        open_orphans=tuple(OpenOrphans(k, int(n), float(age)) for k, n, age in orphans),
+        open_orphans=tuple(Backlog(k, int(n), float(age)) for k, n, age in orphans),
         last_reconcile_success=row["last_reconcile"],
         open_orphan_reasons=tuple((k, r, int(n)) for k, r, n in row["open_orphan_reasons"]),
+        admission_waiting=tuple(
+            Backlog(k, int(n), float(age)) for k, n, age in waiting
+        ),
     )
 
 

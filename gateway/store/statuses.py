@@ -24,7 +24,7 @@ def sql_list(statuses: Iterable[Status]) -> str:
 
 
 # `status NOT IN TERMINAL_LIST`: the active jobs (the partial indexes jobs_active_updated
-# and jobs_active_status)
+# and jobs_active_status, jobs_user_active)
 TERMINAL_LIST = sql_list(TERMINAL)
 # `status NOT IN UNCOMPLETABLE_LIST`: the jobs a completion still applies to (jobs_candidates)
 UNCOMPLETABLE_LIST = sql_list(frozenset(Status) - COMPLETABLE)
@@ -35,4 +35,5 @@ INDEX_STATUS_SETS: dict[str, frozenset[Status]] = {
     "jobs_active_updated": ACTIVE,
     "jobs_active_status": ACTIVE,
     "jobs_candidates": COMPLETABLE,
+    "jobs_user_active": ACTIVE,
 }
