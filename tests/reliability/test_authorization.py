@@ -85,11 +85,11 @@ class Client:
         job_id: str = json.loads(body)["job_id"]
         return job_id
 
-    async def webhook(self, kind: Kind, payload: dict[str, Any]) -> None:
+    async def webhook(self, kind: Kind, payload: dict[str, Any], expect: int = 200) -> None:
         body, headers = signed(payload, WEBHOOK_KEY, f"msg_{uuid.uuid4().hex}")
         async with self.session.post(f"{self.base}/api/webhooks/{kind.value}-completion",
                                      data=body, headers=headers) as resp:
-            assert resp.status == 200, await resp.text()
+            assert resp.status == expect, await resp.text()
 
     async def job_in(self, kind: Kind, n: int, owner: str, status: str) -> str:
         job_id = await self.create(kind, n, owner, key=f"{owner}-{kind.value}-{n}")
@@ -142,14 +142,40 @@ async def test_user_a_gets_404_for_every_id_of_user_b_on_every_route(
         missing = {"job": str(uuid.uuid4()),
                    "note": str(await db.fetchval("SELECT max(id) + 1000 FROM notifications"))}
 
-        with_id = [op for op in operations if "{id}" in op[1]]
-        listings = [op for op in operations if "{id}" not in op[1] and op[0] == "GET"]
-        creates = [op for op in operations if op[1].endswith("/generate") and op[0] == "POST"]
-        unclassified = set(operations) - set(with_id) - set(listings) - set(creates)
+        # the review console's routes are for REVIEW_OPERATORS only: A, not one, gets 403
+        operator_only = [op for op in operations
+                         if op[1].startswith(("/review", "/api/review/"))]
+        user_routes = [op for op in operations if op not in operator_only]
+        with_id = [op for op in user_routes if "{id}" in op[1]]
+        listings = [op for op in user_routes if "{id}" not in op[1] and op[0] == "GET"]
+        creates = [op for op in user_routes
+                   if op[1].endswith("/generate") and op[0] == "POST"]
+        unclassified = (set(operations) - set(operator_only) - set(with_id) - set(listings)
+                        - set(creates))
         assert not unclassified, f"a new kind of route: say how isolation applies {unclassified}"
         assert ("GET", "/api/jobs/{id}/events") in with_id
 
+        # an orphan of B's kind: a webhook under a backend id no job has
+        orphan = f"bk-orphan-{uuid.uuid4().hex[:8]}"
+        await api.webhook(Kind.IMAGE, {"job_id": orphan, "status": "queued", "progress": 5},
+                          expect=202)
+
         before = await snapshot(db)
+
+        # 0. the review console, as A (authenticated, not an operator): 403 everywhere, one
+        # body, whether the orphan exists or not; no body is read, nothing changes
+        refusals = []
+        for method, path in operator_only:
+            for backend_id in (orphan, f"bk-missing-{uuid.uuid4().hex[:8]}"):
+                concrete = path.replace("{kind}", "image").replace("{backend_job_id}",
+                                                                    backend_id)
+                refusals.append((method, path, *await api.request(
+                    method, concrete, A, payload={"reason": "mine", "job_id": b_jobs[
+                        (Kind.IMAGE, "PENDING")], "count": 1})))
+        not_refused = [(m, p, code) for m, p, code, ctype, _, _ in refusals
+                       if (code, ctype) != (403, "application/problem+json")]
+        assert not not_refused, not_refused
+        assert len({body for *_, body, _ in refusals}) == 1
 
         # 1. every id-taking route, every id of B (and the Last-Event-ID resume of the stream)
         async def probe(method: str, path: str, id_: str, extra: dict[str, str]) -> Any:
@@ -212,6 +238,7 @@ async def test_user_a_gets_404_for_every_id_of_user_b_on_every_route(
         assert {r["user_id"]: r["n"] for r in owners} == {B: len(b_jobs), A: 2 + replays}
 
     figures["routes in /openapi.json with a bearer token"] = len(operations)
+    figures["operator-only routes, 403 to a user"] = f"{len(operator_only)}, {len(refusals)}"
     figures["id routes"] = len(with_id)
     figures["B's ids (jobs + notifications)"] = f"{len(b_jobs)} + {len(b_notes)}"
     figures["routes x ids probed"] = len(probes)

@@ -68,7 +68,8 @@ def jwks_env(provider: JWKSServer) -> dict[str, str]:
 def concrete(path: str) -> str:
     """A route template with an id nobody has (authentication comes before the lookup)."""
     missing = "4242" if path.startswith("/api/notifications/") else str(uuid.uuid4())
-    return path.replace("{id}", missing)
+    return (path.replace("{id}", missing).replace("{kind}", "image")
+            .replace("{backend_job_id}", f"bk-{uuid.uuid4()}"))
 
 
 BODIES = {
