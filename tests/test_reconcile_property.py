@@ -3,8 +3,8 @@
 Whatever the mix: an orphan naming a user never reaches another user's job, no job gets two
 orphans, an ambiguous orphan is never linked, an orphan without user is linked only when
 its prompt points to exactly one job and one orphan left (the others went elsewhere in the
-same run), and one user's orphans with one prompt are paired with that user's jobs in time
-order.
+same run) or when every candidate left with its prompt belongs to the one user it went to,
+and one user's orphans with one prompt are paired with that user's jobs in time order.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ async def test_matching_never_crosses_users_never_links_twice_and_never_links_a_
         body = payload(f"bk-{n}", kind=o.kind, user_id=o.user, prompt=o.prompt)
         await record_orphan(db, body, kind=o.kind, seen_ago=o.seen_ago)
 
-    jobs_before = await db.fetch("SELECT id, kind, prompt_norm, status, created_at FROM jobs")
+    jobs_before = await db.fetch(
+        "SELECT id, kind, user_id, prompt_norm, status, created_at FROM jobs")
     result = await reconcile(database_url, window_seconds=WINDOW, image_timeout_seconds=10**6,
                              video_timeout_seconds=10**6)
 
@@ -129,35 +130,46 @@ async def test_matching_never_crosses_users_never_links_twice_and_never_links_a_
 
 
 def _check_prompt_only_matches(jobs_before: list[Any], rows: list[Any]) -> None:
-    """A userless match is the one candidate left with its prompt for the one orphan left
-    carrying it: every other candidate in its window, and every other orphan with its
-    prompt, went to another orphan or job in the same run."""
+    """A userless match is either the one candidate left with its prompt for the one orphan
+    left carrying it (`prompt_only`: every other candidate in its window, and every other
+    orphan with its prompt, went to another orphan or job in the same run), or one of the
+    candidates of the one user every candidate left with its prompt belongs to
+    (`one_user_prompt`)."""
     window = dt.timedelta(seconds=WINDOW)
     skew = dt.timedelta(seconds=CLOCK_SKEW_SECONDS)
     for r in rows:
         if r["outcome"] != "matched" or r["user_id"] is not None:
             continue
-        assert r["rule"] == "prompt_only"
-        carriers = [x for x in rows if x is not r
-                    and x["kind"] == r["kind"] and x["prompt_norm"] == r["prompt_norm"]]
-        assert all(x["outcome"] == "matched" for x in carriers)
+        assert r["rule"] in ("prompt_only", "one_user_prompt")
         taken = {x["job_id"] for x in rows if x is not r and x["job_id"] is not None}
         candidates = [
-            j["id"] for j in jobs_before
+            j for j in jobs_before
             if j["kind"] == r["kind"] and j["prompt_norm"] == r["prompt_norm"]
             and j["status"] not in ("COMPLETED", "FAILED", "CANCELLED")
             and r["first_seen_at"] - window <= j["created_at"] <= r["first_seen_at"] + skew
             and j["id"] not in taken
         ]
-        assert candidates == [r["job_id"]]
+        if r["rule"] == "one_user_prompt":
+            assert r["job_id"] in {j["id"] for j in candidates}
+            assert {j["user_id"] for j in candidates} == {r["job_user"]}
+            continue
+        carriers = [x for x in rows if x is not r
+                    and x["kind"] == r["kind"] and x["prompt_norm"] == r["prompt_norm"]]
+        assert all(x["outcome"] == "matched" for x in carriers)
+        assert [j["id"] for j in candidates] == [r["job_id"]]
 
 
 def _check_time_order(rows: list[Any]) -> None:
-    """One user's orphans with one prompt take that user's jobs in the order they came."""
-    groups: dict[tuple[str, str, str], list[Any]] = {}
+    """One user's orphans with one prompt take that user's jobs in the order they came, and
+    so do the userless orphans paired with the one user their prompt points to."""
+    groups: dict[tuple[str, str, str, str], list[Any]] = {}
     for r in rows:
         if r["outcome"] == "matched" and r["user_id"] is not None:
-            groups.setdefault((r["kind"], r["user_id"], r["prompt_norm"]), []).append(r)
+            groups.setdefault(("named", r["kind"], r["user_id"], r["prompt_norm"]),
+                              []).append(r)
+        if r["outcome"] == "matched" and r["rule"] == "one_user_prompt":
+            groups.setdefault(("one user", r["kind"], r["job_user"], r["prompt_norm"]),
+                              []).append(r)
     for members in groups.values():
         by_orphan = sorted(members, key=lambda r: (r["first_seen_at"], r["backend_job_id"]))
         created = [r["job_created_at"] for r in by_orphan]
