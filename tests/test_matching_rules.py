@@ -25,8 +25,8 @@ def job(status: Status = Status.QUEUED, *, heard: bool = False, kind: Kind = Kin
 
 
 def state(orphan_state: str = "unresolved", *, alias: str | None = None,
-          other_alias: bool = False, webhook: bool = False) -> MatchState:
-    return MatchState(orphan_state, alias, other_alias, webhook)
+          other_alias: bool = False, webhook: bool = False, files: int = 0) -> MatchState:
+    return MatchState(orphan_state, alias, other_alias, webhook, files)
 
 
 def orphan(orphan_state: str = "unresolved", user_id: str | None = "u1") -> LockedOrphan:
@@ -80,6 +80,17 @@ def test_an_assignment_is_refused_for_a_wrong_kind_a_resolved_orphan_or_a_taken_
     assert assign_obstacle(Kind.IMAGE, "b-1", "job-1", job(), orphan(), state(alias="job-9"),
                            allow_other_user=False) == (
         "backend job id b-1 is an alias of job job-9")
+
+
+def test_an_operator_cannot_give_files_to_a_job_that_has_its_own() -> None:
+    completed = job(Status.COMPLETED)
+    assert assign_obstacle(Kind.IMAGE, "b-1", "job-1", completed, orphan(), state(files=2),
+                           allow_other_user=False) == (
+        "job job-1 has 2 file(s) already (COMPLETED): it is not waiting for these")
+    # a job still waiting, or timed out without files, may still be given the orphan's
+    for status in (Status.PENDING, Status.TIMED_OUT):
+        assert assign_obstacle(Kind.IMAGE, "b-1", "job-1", job(status), orphan(), state(),
+                               allow_other_user=False) is None
 
 
 def test_only_an_open_orphan_can_be_dismissed() -> None:

@@ -14,7 +14,9 @@ from gateway.jobs.kinds import Kind
 from gateway.review.access import csrf_token
 from gateway.settings import Settings
 from gateway.store import Database
+from tests.conftest import WEBHOOK_KEY
 from tests.factories import insert_job
+from tests.signing import signed
 from tests.test_metrics import scrape
 from tests.test_reconcile import payload, reconcile, record_orphan
 from tests.tokens import bearer, hs256_token
@@ -137,6 +139,30 @@ async def test_every_refusal_of_the_command_line_is_a_problem_through_the_api(
     assert answer.content_type == "application/problem+json"
     assert expected in (await answer.json())["detail"]
     assert await db.fetchval("SELECT count(*) FROM reconcile_decisions") == before
+
+
+async def test_an_assignment_to_a_job_that_got_its_own_files_meanwhile_is_409(
+    client: Client, db: Database, database_url: str
+) -> None:
+    orphan, job_a, _ = await tie(db, database_url)
+    # while the operator looks, the backend completes job A under the job's own id
+    body, headers = signed(payload(job_a, files=2), WEBHOOK_KEY, "msg-own-completion")
+    completed = await client.post("/api/webhooks/image-completion", data=body,
+                                  headers=headers)
+    assert completed.status == 200, await completed.text()
+    before = await db.fetchval("SELECT count(*) FROM reconcile_decisions")
+
+    answer = await client.post(f"/api/review/orphans/image/{orphan}/assign", headers=op(),
+                               json={"job_id": job_a, "reason": "the fox is user_a's"})
+
+    assert answer.status == 409
+    assert answer.content_type == "application/problem+json"
+    assert (await answer.json())["detail"] == (
+        f"job {job_a} has 2 file(s) already (COMPLETED): it is not waiting for these")
+    assert await db.fetchval("SELECT count(*) FROM reconcile_decisions") == before
+    assert await db.fetchval("SELECT count(*) FROM job_files WHERE job_id = $1", job_a) == 2
+    assert await db.fetchval("SELECT state FROM orphans WHERE backend_job_id = $1",
+                             orphan) == "unresolved"
 
 
 async def test_a_stale_dismissal_is_409_naming_why_and_a_blank_reason_is_422(

@@ -28,6 +28,7 @@ class MatchState:
     alias_job_id: str | None
     job_has_other_alias: bool
     job_had_webhook: bool
+    job_file_count: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,6 +100,9 @@ def assign_obstacle(
         return f"backend job id {backend_job_id} is an alias of job {state.alias_job_id}"
     if state.job_has_other_alias:
         return f"job {job_id} already has another backend job id"
+    if state.job_file_count:
+        return (f"job {job_id} has {state.job_file_count} file(s) already "
+                f"({job.state.status.value}): it is not waiting for these")
     return None
 
 

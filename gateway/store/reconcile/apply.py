@@ -36,7 +36,8 @@ SELECT m.i,
                  AND (a.kind, a.backend_job_id) <> (m.kind, m.backend_job_id))
            AS job_has_other_alias,
        EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id = m.job_id)
-           AS job_had_webhook
+           AS job_had_webhook,
+       (SELECT count(*) FROM job_files f WHERE f.job_id = m.job_id) AS job_file_count
 FROM unnest($1::job_kind[], $2::text[], $3::text[]) WITH ORDINALITY
     AS m(kind, backend_job_id, job_id, i)
 ORDER BY m.i
@@ -117,7 +118,7 @@ def _match_state(r: asyncpg.Record) -> MatchState | None:
     if r["state"] is None:
         return None
     return MatchState(r["state"], r["alias_job_id"], r["job_has_other_alias"],
-                      r["job_had_webhook"])
+                      r["job_had_webhook"], r["job_file_count"])
 
 
 async def match_states(
