@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from gateway.app import create_app
 from gateway.delivery import get_dispatcher
 from gateway.delivery.backend import parse_retry_after
-from gateway.delivery.dispatcher import INLINE_TRIES
+from gateway.delivery.dispatcher import INLINE_TRIES, MAX_IN_FLIGHT
 from gateway.jobs.kinds import Kind
 from gateway.jobs.prompts import normalize
 from gateway.jobs.state import Event, Status
@@ -227,21 +227,49 @@ def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
     assert parse_retry_after(None) is None
 
 
-async def test_a_hang_past_the_timeout_is_retried_and_ends_queued(
+async def test_a_hang_past_the_timeout_ends_the_attempt_and_the_next_one_delivers(
     db: Database, backend: ScriptedBackend, start_gateway: StartGateway
 ) -> None:
-    await start_gateway(backend_timeout_seconds=0.3)
+    await start_gateway(backend_timeout_seconds=0.3, delivery_retry_schedule=(0.5,))
     job_id = str(uuid.uuid4())
     backend.script(job_id, Reply(hang=math.inf), ACCEPT)
     await new_job(db, job_id=job_id)
 
-    await settle(db, job_id)
+    settled = await settle(db, job_id)
 
     first, second = backend.calls_for(job_id)
     assert first.ended is not None
     assert first.ended <= second.started  # the first was given up before the second began
+    # not a quick try of the same attempt: the second call waited for the schedule
+    assert second.started - (first.started + 0.3) >= 0.5 * 0.8 - 0.01
+    assert settled["attempts"] == 2
     assert backend.max_concurrent[job_id] == 1
     assert (await job(db, job_id))["status"] == "QUEUED"
+
+
+async def test_a_hanging_backend_holds_a_slot_for_one_timeout_not_for_every_quick_try(
+    db: Database, backend: ScriptedBackend, start_gateway: StartGateway
+) -> None:
+    await start_gateway(backend_timeout_seconds=0.3, delivery_retry_schedule=(5.0,))
+    # every slot of the process taken by a call that hangs
+    hanging = [str(uuid.uuid4()) for _ in range(MAX_IN_FLIGHT)]
+    for job_id in hanging:
+        backend.script(job_id, Reply(hang=math.inf), ACCEPT)
+        await new_job(db, job_id=job_id)
+
+    async def all_hanging() -> bool:
+        return all(backend.calls_for(job_id) for job_id in hanging)
+
+    await eventually(all_hanging)
+    waiting = str(uuid.uuid4())
+    await new_job(db, job_id=waiting)
+
+    await settle(db, waiting)
+
+    # a slot came back at a hung call's timeout: with quick tries after a hang, no slot
+    # would have been free before some hanging job's third call
+    assert [len(backend.calls_for(job_id)) for job_id in hanging] == [1] * MAX_IN_FLIGHT
+    assert len(backend.calls_for(waiting)) == 1
 
 
 async def test_400_fails_the_job_with_one_notification_after_exactly_one_call(

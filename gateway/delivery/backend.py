@@ -46,6 +46,11 @@ class Transient(DeliveryError):
         self.retry_after = retry_after
 
 
+class TimedOut(Transient):
+    """The generator backend did not answer within the call's time limit: it may be hanging,
+    so the next try waits for the retry schedule rather than follow at once."""
+
+
 class Refused(DeliveryError):
     """The generator backend refused the call; trying again will not change that."""
 
@@ -140,7 +145,7 @@ class BackendClient:
                     answer = answer.replace(self._api_key.reveal().encode(), b"[redacted]")
                 return _classify(response, answer)
         except TimeoutError:
-            raise Transient(f"no answer within {time_limit:g} s") from None
+            raise TimedOut(f"no answer within {time_limit:g} s") from None
         except aiohttp.ClientConnectorError as exc:
             raise Transient(f"connection failed: {_os_reason(exc)}") from None
         except aiohttp.ClientOSError as exc:

@@ -8,7 +8,9 @@ listener reconnects).
 
 One attempt is a few quick tries (tenacity) within the lease; the lease is sized so that
 every try of an attempt ends, and its outcome is written, before the lease can run out: no
-second claimer can send the same row while a try is in flight. Between attempts the row
+second claimer can send the same row while a try is in flight. A try that gets no answer
+within the timeout ends its attempt: a hanging backend holds a slot for one timeout, not
+for every quick try. Between attempts the row
 waits on `DELIVERY_RETRY_SCHEDULE`, with jitter, or longer when `Retry-After` says so.
 """
 
@@ -35,7 +37,14 @@ from tenacity import (
 )
 
 from gateway import metrics
-from gateway.delivery.backend import Accepted, BackendClient, Refused, Transient, Unsendable
+from gateway.delivery.backend import (
+    Accepted,
+    BackendClient,
+    Refused,
+    TimedOut,
+    Transient,
+    Unsendable,
+)
 from gateway.jobs.kinds import Kind
 from gateway.jobs.state import Status
 from gateway.settings import Settings
@@ -334,6 +343,10 @@ class _Attempt:
             return True
         if exc.retry_after is not None and exc.retry_after > INLINE_MAX_WAIT:
             return True  # the schedule waits that long, not this claim
+        if isinstance(exc, TimedOut):
+            # a hanging backend is not tried again at once: the attempt ends at the timeout,
+            # its slot goes to another row, and the schedule decides when to try again
+            return True
         now = asyncio.get_running_loop().time()
         # the next try could outlive the lease: leave it to the next claim
         return now + state.upcoming_sleep + self.d.timeout + SETTLE_MARGIN > self.deadline

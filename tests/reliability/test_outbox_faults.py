@@ -110,7 +110,9 @@ def planned_waits(replies: list[Reply]) -> tuple[list[Wait], int]:
     for reply in replies[:-1]:  # the last one is accepted
         calls += 1
         retry_after = float(reply.retry_after) if reply.retry_after else 0.0
-        quick = calls < INLINE_TRIES and retry_after <= INLINE_MAX_WAIT
+        # a hang ends its attempt at the timeout: the schedule waits after it
+        quick = (calls < INLINE_TRIES and retry_after <= INLINE_MAX_WAIT
+                 and reply.hang != math.inf)
         if quick:
             base = INLINE_BACKOFF[min(calls, len(INLINE_BACKOFF)) - 1]
             waits.append(Wait(max(base, retry_after), max(base * (1 + JITTER), retry_after),
