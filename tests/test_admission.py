@@ -20,6 +20,7 @@ from tests.backend import ScriptedBackend, eventually, status
 from tests.conftest import WEBHOOK_KEY
 from tests.signing import signed
 from tests.test_api_jobs import create
+from tests.test_reconcile import reconcile
 from tests.test_webhooks_ingest import ROUTES, completed
 
 Client = TestClient[web.Request, web.Application]
@@ -108,6 +109,32 @@ async def test_one_users_burst_does_not_hold_back_another_users_one_job(
         await handed_over(backend, n)
     # within the next two handovers
     assert other in list(backend.accepted)[2:4]
+
+
+async def test_the_reconciler_times_out_a_silent_handed_over_job_never_one_waiting_its_turn(
+    start_gateway: Callable[..., Awaitable[Client]], backend: ScriptedBackend, db: Database,
+    database_url: str,
+) -> None:
+    client = await start_gateway(backend_max_in_flight_image_jobs=1)
+    first, *waiting = await submit(client, "user_a", 3)
+    await handed_over(backend, 1)
+
+    async def queued() -> bool:
+        return bool(await db.fetchval("SELECT status = 'QUEUED' FROM jobs WHERE id = $1",
+                                      first))
+
+    await eventually(queued, timeout=10, every=0.05)  # the delivery's outcome is written
+    # two hours on: the handed-over job never heard from the backend, the others waited
+    await db.execute("UPDATE jobs SET updated_at = updated_at - interval '2 hours'")
+
+    result = await reconcile(database_url, image_timeout_seconds=3600.0)
+
+    assert result.counts["timed_out"] == {"image": 1, "video": 0}
+    statuses = dict(await db.fetch("SELECT id, status::text FROM jobs"))
+    assert statuses == {first: "TIMED_OUT", waiting[0]: "PENDING", waiting[1]: "PENDING"}
+    # the timed-out job's slot goes to the oldest waiting one
+    await handed_over(backend, 2)
+    assert list(backend.accepted) == [first, waiting[0]]
 
 
 async def test_a_backend_429_with_retry_after_pauses_every_handover_of_its_kind(

@@ -17,12 +17,21 @@ from gateway.store.statuses import TERMINAL_LIST
 
 # stale jobs: no change for longer than their kind's timeout become TIMED_OUT
 
+# A job whose generate call waits for admission (BACKEND_MAX_IN_FLIGHT_*) was never handed
+# to the backend: it is not silent, it waits its turn, and timing it out would end it
+# unsent. Read through outbox_once (job_id, action).
+_NOT_WAITING_FOR_ADMISSION = """NOT EXISTS (
+    SELECT 1 FROM outbox o
+    WHERE o.job_id = {job}.id AND o.action = 'generate' AND o.due_at = 'infinity'
+      AND o.delivered_at IS NULL AND o.failed_at IS NULL)"""
+
 # The predicate matches the partial index jobs_active_updated word for word.
 STALE_JOBS = f"""
 SELECT id, updated_at FROM jobs
 WHERE kind = $1 AND status NOT IN {TERMINAL_LIST}
   AND updated_at < $2
   AND (updated_at, id) > ($3, $4)
+  AND {_NOT_WAITING_FOR_ADMISSION.format(job="jobs")}
 ORDER BY updated_at, id
 LIMIT $5
 """
@@ -31,6 +40,7 @@ COUNT_STALE_JOBS = f"""
 SELECT count(*) FROM jobs
 WHERE kind = $1 AND status NOT IN {TERMINAL_LIST}
   AND updated_at < $2
+  AND {_NOT_WAITING_FOR_ADMISSION.format(job="jobs")}
 """
 
 # Locks the jobs still active and unchanged since the cutoff (a row updated meanwhile is
@@ -40,6 +50,7 @@ LOCK_STALE_JOBS = f"""
 SELECT {store_jobs.JOB_COLUMNS} FROM jobs j
 WHERE j.id = ANY($1::text[]) AND j.updated_at < $2
   AND j.status NOT IN {TERMINAL_LIST}
+  AND {_NOT_WAITING_FOR_ADMISSION.format(job="j")}
 ORDER BY j.id
 FOR UPDATE SKIP LOCKED
 """
