@@ -23,7 +23,7 @@ import structlog
 
 from gateway.jobs.kinds import Kind
 from gateway.settings import Settings
-from gateway.store import retention, stale_jobs
+from gateway.store import outbox, retention, stale_jobs
 from gateway.store.database import Database, translate_errors
 from gateway.store.errors import StoreUnavailable
 from gateway.store.reconcile import apply as store_matches
@@ -274,6 +274,11 @@ class _Pass:
 
         stale = stale_jobs.stale_jobs(self.conn, kind, cutoff, batch=self.options.batch_size)
         await self._each(stale, batch)
+        if done:
+            # the jobs' admission slots are free: the dispatchers need not wait for a poll
+            with translate_errors():
+                async with self.db.connection() as conn:
+                    await outbox.wake(conn)
         return done
 
     @staticmethod

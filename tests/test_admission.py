@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
+from gateway.delivery import get_dispatcher
 from gateway.jobs.kinds import Kind
 from gateway.settings import Settings
 from gateway.store import Database
@@ -131,10 +132,39 @@ async def test_the_reconciler_times_out_a_silent_handed_over_job_never_one_waiti
 
     assert result.counts["timed_out"] == {"image": 1, "video": 0}
     statuses = dict(await db.fetch("SELECT id, status::text FROM jobs"))
-    assert statuses == {first: "TIMED_OUT", waiting[0]: "PENDING", waiting[1]: "PENDING"}
+    assert statuses[first] == "TIMED_OUT"
+    # the waiting ones are not: one may be handed over already, woken by the timeout
+    assert {statuses[job_id] for job_id in waiting} <= {"PENDING", "QUEUED"}
     # the timed-out job's slot goes to the oldest waiting one
     await handed_over(backend, 2)
     assert list(backend.accepted) == [first, waiting[0]]
+
+
+async def test_a_job_ended_by_webhook_or_by_the_reconciler_wakes_the_dispatchers_at_once(
+    start_gateway: Callable[..., Awaitable[Client]], backend: ScriptedBackend, db: Database,
+    database_url: str,
+) -> None:
+    client = await start_gateway(backend_max_in_flight_image_jobs=1)
+    dispatcher = get_dispatcher(client.app)
+    dispatcher.poll_seconds = 3600.0  # no poll: only a wake-up hands the next job over
+    first, second, third = await submit(client, "user_a", 3)
+    await handed_over(backend, 1)
+    # (each create wakes the dispatchers too: let those wake-ups pass first)
+    await asyncio.sleep(0.5)
+
+    await complete(client, first)  # this process's webhook
+    await handed_over(backend, 2)
+
+    async def queued() -> bool:
+        return bool(await db.fetchval("SELECT status = 'QUEUED' FROM jobs WHERE id = $1",
+                                      second))
+
+    await eventually(queued, timeout=10, every=0.05)
+    await db.execute("UPDATE jobs SET updated_at = updated_at - interval '2 hours' "
+                     "WHERE id = $1", second)
+    await reconcile(database_url, image_timeout_seconds=3600.0)  # another process's timeout
+    await handed_over(backend, 3)
+    assert list(backend.accepted) == [first, second, third]
 
 
 async def test_a_backend_429_with_retry_after_pauses_every_handover_of_its_kind(

@@ -212,6 +212,12 @@ class Dispatcher:
                     log.info("delivery_admitted", kind=kind.value, jobs=admitted, cap=cap)
         self._uncapped_released = True
 
+    def job_ended(self, kind: Kind) -> None:
+        """A job of `kind` reached a terminal status in this process: under an in-flight cap
+        its slot is handed over now, not at the next poll."""
+        if self.caps[kind]:
+            self._wake.set()
+
     async def pause(self, kind: Kind, seconds: float) -> None:
         """No admission of `kind` for `seconds`, on every replica (a backend 429)."""
         try:

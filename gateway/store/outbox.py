@@ -333,6 +333,11 @@ async def record_backend_id(
         return None
 
 
+async def wake(conn: asyncpg.Connection) -> None:
+    """Wake every replica's dispatcher (a job ended elsewhere: an admission slot is free)."""
+    await conn.execute(f"SELECT pg_notify('{WAKE_CHANNEL}', '')")
+
+
 async def listen(dsn: str, on_wake: Callable[[], None], *, stopping: asyncio.Event) -> None:
     """LISTEN on the wake channel until `stopping` is set; `on_wake` is called for every
     NOTIFY and after every (re)connection, since NOTIFYs sent while it was down are lost."""

@@ -125,6 +125,9 @@ async def receive(request: web.Request, kind: Kind) -> web.Response:
     async with get_database(request.app).connection() as conn:
         result = await ingest(conn, delivery)
     # committed: from here on, only bookkeeping
+    if (result.applied is not None and result.applied.transition.finished
+            and (dispatcher := request.app.get(keys.DISPATCHER)) is not None):
+        dispatcher.job_ended(kind)
     counters.outcomes[result.outcome].inc()
     _observe(kind, result)
     _log(kind, verified, payload, result)
