@@ -88,7 +88,7 @@ def pgbench_script() -> str:
         pgbench.bind(owned_jobs.CREATE_AND_ENQUEUE, {
             1: ":id", 2: ":kind", 3: ":user", 4: "NULL", 5: ":prompt", 6: ":prompt_norm",
             7: ":params", 8: ":message", 9: "NULL", 10: "NULL", 11: ":action", 12: ":payload",
-            13: "false",
+            13: "false", 14: "true",
         }),
         r"\set n :n + 1",
         "",

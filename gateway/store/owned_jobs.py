@@ -46,11 +46,14 @@ class Created:
 # round trip commits both or neither. With $13 the call waits for admission (see
 # store.admission). The unique index jobs_idempotency decides between
 # concurrent creates with one key: the loser inserts nothing, neither job nor outbox row.
+# With $14, nothing is inserted either when the user has an override of the limits: a
+# create under no limit is this one statement unless an override makes it lock and count.
 CREATE_AND_ENQUEUE = """
 WITH job AS (
     INSERT INTO jobs (id, kind, user_id, org_id, prompt, prompt_norm, params, message,
                       idempotency_key, request_hash)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
+    WHERE NOT ($14 AND EXISTS (SELECT 1 FROM user_limits WHERE user_id = $3))
     ON CONFLICT (user_id, kind, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, status, message, created_at
 ), delivery AS (
@@ -80,6 +83,22 @@ async def create(
 ) -> Created:
     """Insert a job with its outbox row (`action`, `payload`) in one statement (its own
     transaction, or the caller's), or find the job its Idempotency-Key already made."""
+    created = await insert(conn, new, action, payload, wait_for_admission=wait_for_admission)
+    if created is not None:
+        return created
+    # the conflicting insert has committed (the unique index waited for it): read it back
+    existing = await find_by_idempotency_key(conn, new)
+    assert existing is not None, "ON CONFLICT without a conflicting row"
+    return existing
+
+
+async def insert(
+    conn: asyncpg.Connection, new: NewJob, action: str, payload: dict[str, Any], *,
+    wait_for_admission: bool = False, unless_overridden: bool = False,
+) -> Created | None:
+    """The job and its outbox row, in one statement; None when nothing was inserted: the
+    Idempotency-Key was used before or, `unless_overridden`, the user has an override of
+    the limits."""
     row = await conn.fetchrow(
         CREATE_AND_ENQUEUE,
         new.id,
@@ -95,13 +114,11 @@ async def create(
         action,
         payload,
         wait_for_admission,
+        unless_overridden,
     )
-    if row is not None:
-        return Created(row["id"], Status(row["status"]), row["message"], row["created_at"], True)
-    # the conflicting insert has committed (the unique index waited for it): read it back
-    existing = await find_by_idempotency_key(conn, new)
-    assert existing is not None, "ON CONFLICT without a conflicting row"
-    return existing
+    if row is None:
+        return None
+    return Created(row["id"], Status(row["status"]), row["message"], row["created_at"], True)
 
 
 async def find_by_idempotency_key(conn: asyncpg.Connection, new: NewJob) -> Created | None:
