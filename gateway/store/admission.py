@@ -16,6 +16,9 @@ ADMISSION_LOCK_SPACE = 0x5341  # "SA"
 
 LOCK = f"SELECT pg_advisory_xact_lock({ADMISSION_LOCK_SPACE}, hashtext($1))"
 
+# An outbox row `o` waiting for admission: the partial index outbox_waiting's predicate.
+WAITING = "o.due_at = 'infinity' AND o.delivered_at IS NULL AND o.failed_at IS NULL"
+
 PAUSED = """
 SELECT EXISTS (SELECT 1 FROM backend_pauses WHERE kind = $1 AND paused_until > now())
 """
@@ -41,7 +44,7 @@ WITH flying AS (
            + row_number() OVER (PARTITION BY j.user_id ORDER BY o.created_at, o.id) AS turn
     FROM outbox o JOIN jobs j ON j.id = o.job_id
     LEFT JOIN flying f ON f.user_id = j.user_id
-    WHERE o.due_at = 'infinity' AND o.delivered_at IS NULL AND o.failed_at IS NULL
+    WHERE {WAITING}
       AND o.action = 'generate' AND j.kind = $1
 ), chosen AS (
     SELECT id FROM waiting ORDER BY turn, created_at, id LIMIT $2

@@ -12,6 +12,7 @@ from gateway.jobs.kinds import Kind
 from gateway.jobs.records import JobUpdate
 from gateway.jobs.state import Event, Status
 from gateway.store import jobs as store_jobs
+from gateway.store.admission import WAITING
 from gateway.store.database import commit_without_flush
 from gateway.store.statuses import TERMINAL_LIST
 
@@ -22,8 +23,7 @@ from gateway.store.statuses import TERMINAL_LIST
 # unsent. Read through outbox_once (job_id, action).
 _NOT_WAITING_FOR_ADMISSION = """NOT EXISTS (
     SELECT 1 FROM outbox o
-    WHERE o.job_id = {job}.id AND o.action = 'generate' AND o.due_at = 'infinity'
-      AND o.delivered_at IS NULL AND o.failed_at IS NULL)"""
+    WHERE o.job_id = {job}.id AND o.action = 'generate' AND """ + WAITING + ")"
 
 # The predicate matches the partial index jobs_active_updated word for word.
 STALE_JOBS = f"""

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from gateway.store.admission import WAITING
 from gateway.store.statuses import TERMINAL_LIST
 
 # The predicate matches the partial index jobs_active_status (0006) word for word, so the
@@ -44,7 +45,7 @@ SELECT
      FROM (SELECT j.kind::text, count(*) AS n,
                   extract(epoch FROM now() - min(o.created_at))::float8 AS age
            FROM outbox o JOIN jobs j ON j.id = o.job_id
-           WHERE o.due_at = 'infinity' AND o.delivered_at IS NULL AND o.failed_at IS NULL
+           WHERE {WAITING}
            GROUP BY j.kind) AS waiting) AS admission_waiting,
     (SELECT extract(epoch FROM max(finished_at))::float8
      FROM reconcile_runs
