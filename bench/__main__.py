@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--user-limits", choices=("off", "on"), default="off",
                         help="create: per-user limits off (0), or on and set high enough that "
                         "none refuses (their lock and counts are measured) (default off)")
+    parser.add_argument("--batch-max", type=int, default=None,
+                        help="ingest and create: WEBHOOK_BATCH_MAX and CREATE_BATCH_MAX of the "
+                        "server (0: group commit off, one transaction per request; default: "
+                        "the gateway's default)")
     parser.add_argument("--subscribers", type=int, default=1000,
                         help="SSE subscribers (default 1000)")
     parser.add_argument("--sse-jobs", type=int, default=100,

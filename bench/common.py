@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import embedded
 from gateway.settings import webhook_key
@@ -377,3 +379,30 @@ def result_dir(run: str) -> Path:
     path = RESULTS / _SAFE.sub("_", run)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def batch_sizes(port: int) -> dict[str, dict[str, float]]:
+    """The group-commit stages' batches so far, from the server's /metrics: by stage, how
+    many batches, their items, and the mean."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    seen: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "sorami_batch_size":
+            continue
+        for sample in family.samples:
+            stage = seen.setdefault(sample.labels["stage"], {"batches": 0.0, "items": 0.0})
+            if sample.name.endswith("_count"):
+                stage["batches"] = sample.value
+            elif sample.name.endswith("_sum"):
+                stage["items"] = sample.value
+    for stage in seen.values():
+        stage["mean"] = round(stage["items"] / stage["batches"], 2) if stage["batches"] else 0.0
+    return seen
+
+
+def batching_env(batch_max: int | None) -> dict[str, str]:
+    """The server's group-commit settings for a run (None: the gateway's defaults)."""
+    if batch_max is None:
+        return {}
+    return {"WEBHOOK_BATCH_MAX": str(batch_max), "CREATE_BATCH_MAX": str(batch_max)}

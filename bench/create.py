@@ -1,7 +1,7 @@
 """Job creation: POST /api/images/generate with HS256 tokens against `serve --workers N`
 (`--workers`, default 1), its outbox delivered meanwhile to a fast backend double; beside
-pgbench running the gateway's own insert (CREATE_AND_ENQUEUE: the job and its outbox row in
-one statement) at the same concurrency.
+pgbench running the gateway's own create call (CREATE_JOB: the job and its outbox row, under
+the same per-user limits) at the same concurrency.
 
 Each repetition sends a known number of creations, each once; the database must then hold
 exactly that many new jobs, each with its outbox row.
@@ -25,6 +25,8 @@ from bench import pgbench
 from bench.common import (
     ROOT,
     Server,
+    batch_sizes,
+    batching_env,
     cpu_seconds,
     free_port,
     gateway_env,
@@ -82,13 +84,17 @@ def build_stream(count: int, port: int, secret: str) -> list[bytes]:
     ]
 
 
-def pgbench_script() -> str:
+def pgbench_script(mode: str, count: int) -> str:
+    """The gateway's create call, with the run's limits, for the run's users in turn."""
+    limit = user_limits(mode, count)["USER_MAX_ACTIVE_IMAGE_JOBS"]
     return "\n".join([
         r"\set id :idbase + :client_id * 100000000 + :n",
-        pgbench.bind(owned_jobs.CREATE_AND_ENQUEUE, {
-            1: ":id", 2: ":kind", 3: ":user", 4: "NULL", 5: ":prompt", 6: ":prompt_norm",
-            7: ":params", 8: ":message", 9: "NULL", 10: "NULL", 11: ":action", 12: ":payload",
-            13: "false", 14: "true",
+        rf"\set u (:client_id + :n) % {USERS}",
+        pgbench.bind(owned_jobs.CREATE_JOB, {
+            1: ":id", 2: ":kind", 3: "'user_' || :u", 4: "NULL", 5: ":prompt",
+            6: ":prompt_norm", 7: ":params", 8: ":message", 9: "NULL", 10: "NULL",
+            11: ":action", 12: ":payload", 13: "false", 14: limit, 15: limit,
+            16: "interval '1 hour'",
         }),
         r"\set n :n + 1",
         "",
@@ -104,7 +110,6 @@ def pgbench_variables(idbase: int) -> dict[str, str | int]:
         "n": 0,
         "idbase": idbase,
         "kind": Kind.IMAGE.value,
-        "user": "user_0",
         "prompt": job_request.prompt,
         "prompt_norm": normalize(job_request.prompt),
         "params": msgspec.json.encode(_params(fields)).decode(),
@@ -135,10 +140,11 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
     # pgbench runs before and after the gateway, each half as many transactions
     per_client = math.ceil(count / CONNECTIONS / 2)
     detail: dict[str, Any] = {"creates": count, "connections": CONNECTIONS,
+                              "batch_max": args.batch_max,
                               "user_limits": args.user_limits, "repetitions": []}
     secret, _ = new_webhook_secret()
     hs_secret = "bench-create-" + "y" * 40
-    script = pgbench_script()
+    script = pgbench_script(args.user_limits, count)
     (out / "create-pgbench.sql").write_text(script)
     async with scratch_database("create") as dsn:
         conn = await asyncpg.connect(dsn)
@@ -171,7 +177,8 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                 write_requests(stream_path, stream)
                 env = gateway_env(dsn, port, WEBHOOK_SECRETS=secret, AUTH_HS256_SECRET=hs_secret,
                                   BACKEND_URL=f"http://127.0.0.1:{backend_port}",
-                                  **user_limits(args.user_limits, count))
+                                  **user_limits(args.user_limits, count),
+                                  **batching_env(args.batch_max))
                 server = Server(["serve", "--workers", str(args.workers), "--no-migrate"], env,
                                 out / f"create-server-{rep}.log")
                 try:
@@ -189,6 +196,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                     # deliver to meanwhile
                     pg_cpu = postgres_cpu_seconds() - pg_cpu_before
                     backend_cpu = cpu_seconds(backend.pid) - backend_cpu_before
+                    batches = batch_sizes(port).get("create", {})
                     after = await _counts(conn)
                     # the outbox drains after the burst: every job reaches the backend
                     drain_started = time.monotonic()
@@ -214,6 +222,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                     "backend_double_cpu_seconds": round(backend_cpu, 2),
                     "pgbench": limit.as_dict(),
                     "ratio": gateway.throughput / limit.tps,
+                    "batches": batches,
                     "effects": {"jobs": created, "outbox_rows": queued, "expected": count,
                                 "delivered": delivered, "drain_seconds": round(drain, 1),
                                 "ok": effects_ok},
@@ -225,12 +234,20 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                       f"jobs {created:,}, outbox {queued:,}, delivered {delivered:,} "
                       f"({drain:.1f} s after the burst); CPU s during the burst: gateway "
                       f"{gateway_cpu:.1f}, postgres {pg_cpu:.1f}, backend double "
-                      f"{backend_cpu:.1f}, sender {gateway.sender_cpu_seconds:.1f}", flush=True)
+                      f"{backend_cpu:.1f}, sender {gateway.sender_cpu_seconds:.1f}; "
+                      f"{_batches_text(batches)}", flush=True)
         finally:
             backend.terminate()
             await backend.wait()
             await conn.close()
     return figures(detail), detail
+
+
+def _batches_text(batches: dict[str, float]) -> str:
+    if not batches:
+        return "no group commit"
+    return (f"group commit: {batches['items']:,.0f} creates in {batches['batches']:,.0f} "
+            f"transactions (mean {batches['mean']:.1f})")
 
 
 def figures(detail: dict[str, Any]) -> list[Figure]:
@@ -241,10 +258,15 @@ def figures(detail: dict[str, Any]) -> list[Figure]:
     errors = sum(r["gateway"]["errors"] for r in reps)
     effects_ok = all(r["effects"]["ok"] for r in reps)
     delivered_ok = all(r["effects"]["delivered"] == r["effects"]["expected"] for r in reps)
+    # group commit may beat pgbench's one transaction per create; without it, 0.6 of it
+    grouped = detail.get("batch_max") is None or detail["batch_max"] > 1
+    floor = 1.0 if grouped else 0.6
+    means = [r["batches"]["mean"] for r in reps if r.get("batches")]
+    batch_note = f"; creates per transaction {span(means, '', 1)}" if means else ""
     return [
         Figure("create", "creates/s", gw["throughput"], "/s", pg["tps"], median(ratios),
-               ">= 0.6", median(ratios) >= 0.6,
-               note=f"ratio {span(ratios)} over {len(reps)} runs"),
+               f">= {floor}", median(ratios) >= floor,
+               note=f"ratio {span(ratios)} over {len(reps)} runs{batch_note}"),
         Figure("create", "p50 latency", gw["p50_ms"], "ms", pg["p50_ms"],
                gw["p50_ms"] / pg["p50_ms"]),
         Figure("create", "p99 latency", gw["p99_ms"], "ms", pg["p99_ms"],

@@ -35,6 +35,8 @@ from bench import pgbench
 from bench.common import (
     JOB_ID_BASE,
     Server,
+    batch_sizes,
+    batching_env,
     children_cpu_seconds,
     cpu_split,
     free_port,
@@ -320,6 +322,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
     stride = webhook_jobs + 3 * pg_jobs
     preload_count = max(args.preload, stride * repeats)
     detail: dict[str, Any] = {"server": "bare" if args.bare else "gateway",
+                              "batch_max": args.batch_max,
                               "preloaded_jobs": preload_count, "webhook_jobs": webhook_jobs,
                               "connections": CONNECTIONS, "repetitions": []}
     secret, key = new_webhook_secret()
@@ -361,7 +364,8 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                                                          port, seed=rep)
                 stream_path = out / f"ingest-stream-{rep}.bin"
                 write_requests(stream_path, stream, after)
-                env = gateway_env(dsn, port, WEBHOOK_SECRETS=secret, AUTH_HS256_SECRET=hs_secret)
+                env = gateway_env(dsn, port, WEBHOOK_SECRETS=secret, AUTH_HS256_SECRET=hs_secret,
+                                  **batching_env(args.batch_max))
                 if args.bare:
                     server = Server([], env, out / f"ingest-server-{rep}.log",
                                     module="bench.bare_server")
@@ -381,6 +385,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                     gateway_system = sum(cpu_split(pid)[1] - cpu_before[pid][1] for pid in pids)
                     gateway_cpu = sum(sum(cpu_split(pid)) - sum(cpu_before[pid]) for pid in pids)
                     pg_cpu = postgres_cpu_seconds() - pg_cpu_before
+                    batches = {} if args.bare else batch_sizes(port).get("webhook", {})
                 finally:
                     server.stop()
                 after_run, claims_after, pg_cpu_after, pgbench_cpu_after = await limit_run(1)
@@ -419,6 +424,7 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                                    "ok": claims_quiet == claims_per_run},
                     },
                     "ratio": gateway.throughput / limit.tps,
+                    "batches": batches,
                     "effects": effects,
                     "outcomes_ok": outcomes_ok,
                 }
@@ -432,11 +438,18 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                       f"{gateway_cpu:.1f} (system {gateway_system:.1f}), postgres {pg_cpu:.1f}, "
                       f"sender {gateway.sender_cpu_seconds:.1f}; the same through pgbench: "
                       f"postgres {pg_cpu_limit:.1f}, pgbench {pgbench_cpu:.1f}; pgbench less "
-                      f"the NOTIFY {quiet.tps:,.0f}/s p99 {quiet.p99_ms:.1f} ms",
-                      flush=True)
+                      f"the NOTIFY {quiet.tps:,.0f}/s p99 {quiet.p99_ms:.1f} ms; "
+                      f"{_batches_text(batches)}", flush=True)
         finally:
             await conn.close()
     return figures(detail), detail
+
+
+def _batches_text(batches: dict[str, float]) -> str:
+    if not batches:
+        return "no group commit"
+    return (f"group commit: {batches['items']:,.0f} webhooks in {batches['batches']:,.0f} "
+            f"transactions (mean {batches['mean']:.1f})")
 
 
 def figures(detail: dict[str, Any]) -> list[Figure]:
@@ -454,10 +467,15 @@ def figures(detail: dict[str, Any]) -> list[Figure]:
     quiet = [r["pgbench_without_notify"] for r in reps]
     quiet_note = (f"; pgbench less the NOTIFY: {span([q['tps'] for q in quiet], '/s', 0)}, "
                   f"p99 {span([q['p99_ms'] for q in quiet], ' ms', 1)}")
+    # group commit may beat pgbench's one transaction per webhook; without it, 0.75 of it
+    grouped = detail.get("batch_max") is None or detail["batch_max"] > 1
+    floor = 1.5 if grouped and name == "ingest" else 0.75
+    means = [r["batches"]["mean"] for r in reps if r.get("batches")]
+    batch_note = f"; webhooks per transaction {span(means, '', 1)}" if means else ""
     return [
         Figure(name, "webhooks/s", gw["throughput"], "/s", pg["tps"], median(ratios),
-               ">= 0.75", median(ratios) >= 0.75,
-               note=f"ratio {span(ratios)} over {len(reps)} runs{quiet_note}"),
+               f">= {floor}", median(ratios) >= floor,
+               note=f"ratio {span(ratios)} over {len(reps)} runs{quiet_note}{batch_note}"),
         Figure(name, "p50 latency", gw["p50_ms"], "ms", pg["p50_ms"],
                gw["p50_ms"] / pg["p50_ms"]),
         Figure(name, "p99 latency", gw["p99_ms"], "ms", pg["p99_ms"],

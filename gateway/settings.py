@@ -110,6 +110,12 @@ class Settings:
     # jobs of a kind handed to the backend and not yet terminal (0: no limit); the rest wait
     backend_max_in_flight_image_jobs: int = 0
     backend_max_in_flight_video_jobs: int = 0
+    # group commit: webhook deliveries and creates queued while a transaction is in flight go
+    # together in the next, up to these many (0 or 1: off, one transaction each), with up to
+    # batch_in_flight transactions of each stage at once per process
+    webhook_batch_max: int = 64
+    create_batch_max: int = 64
+    batch_in_flight: int = 4
 
     @property
     def embedded(self) -> bool:
@@ -202,6 +208,9 @@ class Settings:
                 "BACKEND_MAX_IN_FLIGHT_IMAGE_JOBS", 0, low=0),
             backend_max_in_flight_video_jobs=p.integer(
                 "BACKEND_MAX_IN_FLIGHT_VIDEO_JOBS", 0, low=0),
+            webhook_batch_max=p.integer("WEBHOOK_BATCH_MAX", 64, low=0, high=10_000),
+            create_batch_max=p.integer("CREATE_BATCH_MAX", 64, low=0, high=10_000),
+            batch_in_flight=p.integer("BATCH_IN_FLIGHT", 4, low=1, high=1000),
         )
         settings.check_consistency()
         return settings
@@ -217,6 +226,9 @@ class Settings:
             raise SettingsError("AUTH_ISSUER", "is required when AUTH_JWKS_URL is set")
         if self.db_pool_min > self.db_pool_max:
             raise SettingsError("DB_POOL_MIN", "must not exceed DB_POOL_MAX")
+        if self.batch_in_flight > self.db_pool_max:
+            # each transaction in flight holds one of the pool's connections
+            raise SettingsError("BATCH_IN_FLIGHT", "must not exceed DB_POOL_MAX")
         if self.dedupe_retention_seconds <= self.webhook_tolerance_seconds:
             # a delivery replayed within the signature tolerance must still be recognised
             raise SettingsError(

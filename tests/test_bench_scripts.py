@@ -29,9 +29,10 @@ def _undefined(script: str, variables: Mapping[str, object]) -> set[str]:
     [
         (ingest.pgbench_script, lambda: ingest.pgbench_variables(1, 2)),
         (lambda: ingest.pgbench_script(notify=False), lambda: ingest.pgbench_variables(1, 2)),
-        (create.pgbench_script, lambda: create.pgbench_variables(1)),
+        (lambda: create.pgbench_script("off", 100), lambda: create.pgbench_variables(1)),
+        (lambda: create.pgbench_script("on", 100), lambda: create.pgbench_variables(1)),
     ],
-    ids=["ingest", "ingest without notify", "create"],
+    ids=["ingest", "ingest without notify", "create", "create with limits"],
 )
 def test_every_placeholder_is_bound_and_every_variable_defined(
     script: Callable[[], str], variables: Callable[[], Mapping[str, object]]

@@ -81,6 +81,73 @@ async def test_a_terminal_job_frees_its_place_under_the_active_limit(
     assert (await create(client, "images", IMAGE)).status == 202
 
 
+async def test_every_status_but_the_terminal_ones_counts_toward_the_active_limit(
+    make_settings: Callable[..., Settings], aiohttp_client: Any, db: Database
+) -> None:
+    # the create's SQL names the terminal statuses: they must be the state machine's
+    for status in Status:
+        await insert_job(db, status=status)
+    active = [s for s in Status if not s.terminal]
+    client = await limited_client(make_settings, aiohttp_client,
+                                  user_max_active_image_jobs=len(active) + 1)
+    accepted = await create(client, "images", IMAGE)
+    assert accepted.status == 202
+    assert accepted.headers["RateLimit"] == '"images-active";r=0'
+    assert (await create(client, "images", IMAGE)).status == 429
+
+
+async def test_a_user_far_over_a_lowered_limit_is_refused_with_the_usage_at_the_limit(
+    make_settings: Callable[..., Settings], aiohttp_client: Any, db: Database
+) -> None:
+    for _ in range(12):
+        await insert_job(db, status=Status.GENERATING)
+    client = await limited_client(make_settings, aiohttp_client, user_max_active_image_jobs=3,
+                                  user_max_image_jobs_per_hour=5)
+    refused = await create(client, "images", IMAGE)
+    assert refused.status == 429
+    assert (await refused.json())["limit"] == "USER_MAX_ACTIVE_IMAGE_JOBS"
+    hour, active = refused.headers["RateLimit"].split(", ")
+    assert hour.startswith('"images-hour";r=0;t=')
+    assert active == '"images-active";r=0'
+    assert await jobs_of(db, "user_a") == 12
+
+
+def _remaining(resp: Any) -> dict[str, int]:
+    """The r= of each RateLimit field, by policy name."""
+    states = (field.split(";") for field in resp.headers["RateLimit"].split(", "))
+    return {name.strip('"'): int(dict(p.split("=") for p in params)["r"])
+            for name, *params in states}
+
+
+async def test_the_usage_follows_every_change_made_after_a_users_first_create(
+    make_settings: Callable[..., Settings], aiohttp_client: Any, db: Database
+) -> None:
+    client = await limited_client(make_settings, aiohttp_client, user_max_active_image_jobs=100,
+                                  user_max_image_jobs_per_hour=100)
+    first = await create(client, "images", IMAGE)
+    assert _remaining(first) == {"images-hour": 99, "images-active": 99}
+    # jobs written past the create: one in every status, one ending, one created long ago
+    for status in Status:
+        await insert_job(db, status=status)
+    ending = await insert_job(db, status=Status.GENERATING)
+    await db.execute("UPDATE jobs SET status = 'FAILED' WHERE id = $1", ending)
+    await insert_job(db, status=Status.COMPLETED, created_ago_seconds=7200)
+    leaving = await insert_job(db, status=Status.COMPLETED, created_ago_seconds=3598)
+
+    second = await create(client, "images", IMAGE)
+    active = 1 + sum(not s.terminal for s in Status)
+    in_window = 1 + len(Status) + 1 + 1
+    assert _remaining(second) == {"images-hour": 100 - in_window - 1,
+                                  "images-active": 100 - active - 1}
+
+    # the job created 3598 s ago leaves the window
+    await asyncio.sleep(2.5)
+    third = await create(client, "images", IMAGE)
+    assert _remaining(third) == {"images-hour": 100 - in_window - 1,
+                                 "images-active": 100 - active - 2}
+    assert await db.fetchval("SELECT count(*) FROM jobs WHERE id = $1", leaving) == 1
+
+
 async def test_the_hourly_limit_retries_when_the_oldest_counted_creation_leaves_the_window(
     make_settings: Callable[..., Settings], aiohttp_client: Any, db: Database
 ) -> None:

@@ -31,6 +31,7 @@ from gateway.api.schemas import (
     VideoGallery,
     VideoResult,
 )
+from gateway.batching import setup_group_commit
 from gateway.cors import setup_cors
 from gateway.jobs.kinds import Kind
 from gateway.openapi import (
@@ -43,6 +44,7 @@ from gateway.openapi import (
     problem,
     register,
 )
+from gateway.usecases.jobs import create_alone, create_many
 
 __all__ = ["Route", "routes", "setup_api"]
 
@@ -188,3 +190,5 @@ def setup_api(app: web.Application) -> None:
         app.router.add_route(route.operation.method, route.operation.path, route.handler)
     register(app, (route.operation for route in table))
     setup_cors(app, (route.operation.key for route in table))
+    setup_group_commit(app, keys.CREATE_BATCHES, "create", create_many, create_alone,
+                       app[keys.SETTINGS].create_batch_max)

@@ -116,10 +116,12 @@ def generate(kind: Kind) -> Handler:
         # the backend's request body: the client's fields plus our job id and the user
         payload = {**fields, "job_id": new.id, "user_id": principal.user_id}
         settings = request.config_dict[keys.SETTINGS]
+        batches = request.app.get(keys.CREATE_BATCHES)
         try:
             admitted = await job_usecases.create(
                 get_database(request.app), new, payload, settings.user_limits(kind),
                 wait_for_admission=settings.backend_max_in_flight(kind) > 0,
+                batched=batches.submit if batches is not None else None,
             )
         except job_usecases.LimitReached as refused:
             metrics.CREATES_REFUSED.labels(kind=kind.value, limit=refused.extra["limit"]).inc()

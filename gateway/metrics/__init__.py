@@ -49,6 +49,28 @@ WEBHOOK_PROCESSING = Histogram(
     ["kind"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
+BATCH_SIZE = Histogram(
+    "sorami_batch_size",
+    "Items committed in one transaction by a group-commit stage (webhook, create).",
+    ["stage"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+BATCH_COMMIT = Histogram(
+    "sorami_batch_commit_seconds",
+    "Time from a batch's first statement to its commit, by stage (batches of 2 or more).",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+BATCH_RETRIES = Counter(
+    "sorami_batch_retries_total",
+    "Batches tried again after a deadlock or serialization failure, by stage.",
+    ["stage"],
+)
+BATCH_ITEM_BY_ITEM = Counter(
+    "sorami_batch_items_alone_total",
+    "Items of a failed batch run again alone (each in its own transaction), by stage.",
+    ["stage"],
+)
 _LONG = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600)
 JOB_DURATION = Histogram(
     "sorami_job_duration_seconds",

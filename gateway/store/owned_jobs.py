@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from gateway.jobs.kinds import Kind
+from gateway.jobs.limits import WINDOW, Limits, Usage
 from gateway.jobs.prompts import normalize
 from gateway.jobs.records import FileRecord, LockedJob
 from gateway.jobs.state import Status
@@ -42,35 +43,27 @@ class Created:
     same_request: bool = True
 
 
-# The job and its first outbox row (with the dispatcher's wake-up) in one statement, so one
-# round trip commits both or neither. With $13 the call waits for admission (see
-# store.admission). The unique index jobs_idempotency decides between
-# concurrent creates with one key: the loser inserts nothing, neither job nor outbox row.
-# With $14, nothing is inserted either when the user has an override of the limits: a
-# create under no limit is this one statement unless an override makes it lock and count.
-CREATE_AND_ENQUEUE = """
-WITH job AS (
-    INSERT INTO jobs (id, kind, user_id, org_id, prompt, prompt_norm, params, message,
-                      idempotency_key, request_hash)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
-    WHERE NOT ($14 AND EXISTS (SELECT 1 FROM user_limits WHERE user_id = $3))
-    ON CONFLICT (user_id, kind, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING id, status, message, created_at
-), delivery AS (
-    INSERT INTO outbox (job_id, action, payload, due_at)
-    SELECT id, $11, $12, CASE WHEN $13 THEN 'infinity'::timestamptz ELSE now() END FROM job
-    RETURNING id
-)
-SELECT job.id, job.status, job.message, job.created_at,
-       pg_notify('sorami_outbox', delivery.id::text)
-FROM job, delivery
+# One call (sorami_create_job_v1, migration 0012): under the user's lock for the kind when a
+# limit applies, the Idempotency-Key's earlier job or the usage and, unless a limit refuses,
+# the job with its first outbox row (due now, or waiting for admission) and the
+# dispatcher's wake-up. The unique index jobs_idempotency decides between concurrent
+# creates with one key that take no lock: the loser inserts nothing and reads the winner's.
+CREATE_JOB = """
+SELECT * FROM sorami_create_job_v1($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                                   $14, $15, $16)
 """
 
-FIND_BY_IDEMPOTENCY_KEY = """
-SELECT id, status, message, created_at, request_hash
-FROM jobs
-WHERE user_id = $1 AND kind = $2 AND idempotency_key = $3
-"""
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Creation:
+    """What a create did: `created` is the new job or the key's earlier one (None when a
+    limit refused it, nothing written); `limits` and `usage` are what it was checked
+    against, read at `read_at` (`usage` None when both limits are off)."""
+
+    created: Created | None
+    limits: Limits
+    usage: Usage | None
+    read_at: dt.datetime | None
 
 
 async def create(
@@ -78,29 +71,15 @@ async def create(
     new: NewJob,
     action: str,
     payload: dict[str, Any],
+    limits: Limits,
     *,
     wait_for_admission: bool = False,
-) -> Created:
-    """Insert a job with its outbox row (`action`, `payload`) in one statement (its own
-    transaction, or the caller's), or find the job its Idempotency-Key already made."""
-    created = await insert(conn, new, action, payload, wait_for_admission=wait_for_admission)
-    if created is not None:
-        return created
-    # the conflicting insert has committed (the unique index waited for it): read it back
-    existing = await find_by_idempotency_key(conn, new)
-    assert existing is not None, "ON CONFLICT without a conflicting row"
-    return existing
-
-
-async def insert(
-    conn: asyncpg.Connection, new: NewJob, action: str, payload: dict[str, Any], *,
-    wait_for_admission: bool = False, unless_overridden: bool = False,
-) -> Created | None:
-    """The job and its outbox row, in one statement; None when nothing was inserted: the
-    Idempotency-Key was used before or, `unless_overridden`, the user has an override of
-    the limits."""
+) -> Creation:
+    """Create a job with its outbox row (`action`, `payload`) in one call (its own
+    transaction, or the caller's) unless `limits` (or the user's override of them) refuse
+    it; or find the job its Idempotency-Key already made, which no limit refuses."""
     row = await conn.fetchrow(
-        CREATE_AND_ENQUEUE,
+        CREATE_JOB,
         new.id,
         new.kind.value,
         new.user_id,
@@ -114,28 +93,24 @@ async def insert(
         action,
         payload,
         wait_for_admission,
-        unless_overridden,
+        limits.active,
+        limits.per_hour,
+        WINDOW,
     )
-    if row is None:
-        return None
-    return Created(row["id"], Status(row["status"]), row["message"], row["created_at"], True)
-
-
-async def find_by_idempotency_key(conn: asyncpg.Connection, new: NewJob) -> Created | None:
-    """The job an earlier request with `new`'s Idempotency-Key made, if any."""
-    existing = await conn.fetchrow(
-        FIND_BY_IDEMPOTENCY_KEY, new.user_id, new.kind.value, new.idempotency_key
-    )
-    if existing is None:
-        return None
-    return Created(
-        existing["id"],
-        Status(existing["status"]),
-        existing["message"],
-        existing["created_at"],
-        inserted=False,
-        same_request=existing["request_hash"] == new.request_hash,
-    )
+    assert row is not None
+    in_force = Limits(row["max_active"], row["per_hour"])
+    usage = None
+    if row["read_at"] is not None:
+        usage = Usage(row["active"] or 0, row["in_window"] or 0, row["oldest_leaves_at"],
+                      row["frees_at"])
+    created = None
+    if row["outcome"] != "refused":
+        inserted = row["outcome"] == "created"
+        created = Created(
+            row["id"], Status(row["status"]), row["message"], row["created_at"], inserted,
+            same_request=inserted or row["request_hash"] == new.request_hash,
+        )
+    return Creation(created, in_force, usage, row["read_at"])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

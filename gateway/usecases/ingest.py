@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 
 import asyncpg
 import msgspec
 
 from gateway.jobs.prompts import normalize
 from gateway.jobs.records import LockedJob
+from gateway.store import Database, orphans
 from gateway.store import jobs as store_jobs
-from gateway.store import orphans
 from gateway.store import webhooks as store_webhooks
 from gateway.store.errors import StoreError
 from gateway.store.jobs import Applied
@@ -45,24 +46,55 @@ class Ingested:
 async def ingest(conn: asyncpg.Connection, delivery: Delivery) -> Ingested:
     """Dedupe and apply one delivery. Outside a transaction, each statement commits on its
     own; inside the caller's, everything commits with it."""
-    statement, args, plan = store_webhooks.ingest_statement(delivery)
-    row = await conn.fetchrow(statement, *args)
-    if row is not None:
-        job = store_jobs.locked_job(row)
-        if row["seen"] or (row["locked"] and not row["claimed"]):
-            return Ingested(Outcome.DUPLICATE, job)
-        if row["locked"]:
-            step = plan.apply(job.state)
-            if step.applied != row["applies"]:
-                raise StoreError(f"the database and the state machine disagree on job {job.id}")
-            if step.applied:
-                return Ingested(
-                    Outcome.APPLIED, job, Applied(step, row["seq"], row["notification_id"])
-                )
-            return Ingested(Outcome.STALE, job, Applied(step, job.seq))
-        # the job was read but was gone when the statement came to lock it
+    known = await _ingest_known(conn, delivery)
+    if known is not None:
+        return known
     async with conn.transaction():
         return await _ingest_locked(conn, delivery, store_webhooks.event_status(delivery.payload))
+
+
+async def ingest_alone(db: Database, delivery: Delivery) -> Ingested:
+    """One delivery on a connection of its own."""
+    async with db.connection() as conn:
+        return await ingest(conn, delivery)
+
+
+async def ingest_many(
+    conn: asyncpg.Connection, deliveries: Sequence[Delivery]
+) -> list[Ingested | None]:
+    """Deliveries for jobs we know, in one transaction; None for the others (an id we do
+    not know takes the orphan protocol's lock: `ingest` it on its own).
+
+    Each delivery is the statement `ingest` sends, in arrival order for one job (a
+    repeated key is then a duplicate, as across transactions), and the jobs in the order of
+    the webhooks' ids, so that the batches of several processes lock rows in one order."""
+    outcomes: list[Ingested | None] = [None] * len(deliveries)
+    order = sorted(range(len(deliveries)), key=lambda i: deliveries[i].payload.job_id)
+    async with conn.transaction():
+        for i in order:
+            outcomes[i] = await _ingest_known(conn, deliveries[i])
+    return outcomes
+
+
+async def _ingest_known(conn: asyncpg.Connection, delivery: Delivery) -> Ingested | None:
+    """The delivery applied, stale or a duplicate, when its id names a job; else None,
+    nothing written."""
+    statement, args, plan = store_webhooks.ingest_statement(delivery)
+    row = await conn.fetchrow(statement, *args)
+    if row is None:
+        return None
+    job = store_jobs.locked_job(row)
+    if row["seen"] or (row["locked"] and not row["claimed"]):
+        return Ingested(Outcome.DUPLICATE, job)
+    if not row["locked"]:
+        # the job was read but was gone when the statement came to lock it
+        return None
+    step = plan.apply(job.state)
+    if step.applied != row["applies"]:
+        raise StoreError(f"the database and the state machine disagree on job {job.id}")
+    if step.applied:
+        return Ingested(Outcome.APPLIED, job, Applied(step, row["seq"], row["notification_id"]))
+    return Ingested(Outcome.STALE, job, Applied(step, job.seq))
 
 
 async def _ingest_locked(conn: asyncpg.Connection, delivery: Delivery, status: str) -> Ingested:

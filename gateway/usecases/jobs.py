@@ -8,7 +8,10 @@ state machine like every change and is passed on to the backend through the outb
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+
+import asyncpg
 
 from gateway.errors import GatewayError, TooManyRequests
 from gateway.jobs import limits as job_limits
@@ -18,9 +21,8 @@ from gateway.jobs.records import JobUpdate, LockedJob
 from gateway.jobs.state import Event, Status
 from gateway.store import Database, outbox, owned_jobs
 from gateway.store import jobs as store_jobs
-from gateway.store import limits as store_limits
 from gateway.store.jobs import Applied
-from gateway.store.owned_jobs import Created, JobView, NewJob
+from gateway.store.owned_jobs import Created, Creation, JobView, NewJob
 
 CANCELLED_MESSAGE = "Cancelled by the user."
 
@@ -40,6 +42,48 @@ class Admitted:
     headers: dict[str, str]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CreateRequest:
+    """One create as the store runs it: the job, its delivery's payload, the limits."""
+
+    new: NewJob
+    payload: dict[str, Any]
+    defaults: Limits
+    wait_for_admission: bool = False
+
+
+async def _store_create(conn: asyncpg.Connection, request: CreateRequest) -> Creation:
+    return await owned_jobs.create(
+        conn, request.new, "generate", request.payload, request.defaults,
+        wait_for_admission=request.wait_for_admission,
+    )
+
+
+async def create_alone(db: Database, request: CreateRequest) -> Creation:
+    """One create in its own transaction (one call)."""
+    async with db.connection() as conn:
+        return await _store_create(conn, request)
+
+
+async def create_many(
+    conn: asyncpg.Connection, requests: Sequence[CreateRequest]
+) -> list[Creation | None]:
+    """Creates in one transaction, each as `create_alone` makes it: a key repeated among
+    them finds the job the first made. They run grouped by user and kind (in arrival order
+    within), so that the batches of several processes take the per-user locks in one
+    order."""
+    outcomes: list[Creation | None] = [None] * len(requests)
+
+    def lock_order(i: int) -> tuple[str, str]:
+        new = requests[i].new
+        return new.user_id, new.kind.value
+
+    async with conn.transaction():
+        for i in sorted(range(len(requests)), key=lock_order):
+            outcomes[i] = await _store_create(conn, requests[i])
+    return outcomes
+
+
 async def create(
     db: Database,
     new: NewJob,
@@ -47,60 +91,45 @@ async def create(
     defaults: Limits,
     *,
     wait_for_admission: bool = False,
+    batched: Callable[[CreateRequest], Awaitable[Creation]] | None = None,
 ) -> Admitted:
     """The job `new` with its delivery of `payload` to the backend, committed together; or
     the job an earlier request with the same idempotency key made. KeyReused when that
     request was a different one; LimitReached, with nothing written, when the user is at a
     limit (`defaults` unless an operator overrode them for the user). With
-    `wait_for_admission` the delivery waits until a dispatcher admits it."""
-    off = Limits(0, 0)
+    `wait_for_admission` the delivery waits until a dispatcher admits it. `batched` (a
+    group-commit stage's submit) commits it with the creates gathered meanwhile."""
+    request = CreateRequest(new, payload, defaults, wait_for_admission)
+    if batched is not None:
+        creation = await batched(request)
+    else:
+        creation = await create_alone(db, request)
+    created, limits, usage, now = (
+        creation.created, creation.limits, creation.usage, creation.read_at
+    )
     headers: dict[str, str] = {}
-    if defaults == off:
-        # both off unless the user has an override: then no lock, no counts, one statement
-        async with db.connection() as conn:
-            made = await owned_jobs.insert(conn, new, "generate", payload,
-                                           wait_for_admission=wait_for_admission,
-                                           unless_overridden=True)
-        if made is not None:
-            return Admitted(made, headers)
-        # an override, or the key used before: decided below
-    async with db.transaction() as conn:
-        limits = defaults
-        if defaults == off:
-            override = await store_limits.read_override(conn, new.user_id)
-            limits = override.applied(new.kind, defaults) if override else defaults
-        if limits != off:
-            # the user's creates of this kind queue here, on every replica, until each commits
-            override = await store_limits.lock_and_read_override(conn, new.user_id, new.kind)
-            limits = override.applied(new.kind, defaults) if override else defaults
-            usage, now = await store_limits.usage(conn, new.user_id, new.kind, limits.per_hour)
-            headers = job_limits.headers(new.kind, limits, usage, now)
-            if new.idempotency_key is not None:
-                earlier = await owned_jobs.find_by_idempotency_key(conn, new)
-                if earlier is not None:
-                    if not earlier.same_request:
-                        raise KeyReused()
-                    return Admitted(earlier, headers)
-            refusal = job_limits.check(new.kind, limits, usage, now)
-            if refusal is not None:
-                raise LimitReached(
-                    f"{refusal.limit} is {refusal.value}",
-                    retry_after=refusal.retry_after,
-                    limit=refusal.limit,
-                    value=refusal.value,
-                    extra_headers=headers,
-                )
-        created = await owned_jobs.create(
-            conn, new, "generate", payload, wait_for_admission=wait_for_admission
+    if created is None:
+        # the store refused by the rule job_limits.check states: it says why, and when to retry
+        assert usage is not None
+        assert now is not None
+        refusal = job_limits.check(new.kind, limits, usage, now)
+        assert refusal is not None, "refused within the limits"
+        raise LimitReached(
+            f"{refusal.limit} is {refusal.value}",
+            retry_after=refusal.retry_after,
+            limit=refusal.limit,
+            value=refusal.value,
+            extra_headers=job_limits.headers(new.kind, limits, usage, now),
         )
-        if headers:
-            after = dataclasses.replace(
+    if not created.same_request:
+        raise KeyReused()
+    if usage is not None and now is not None:
+        if created.inserted:
+            usage = dataclasses.replace(
                 usage, active=usage.active + 1, in_window=usage.in_window + 1,
                 oldest_leaves_at=usage.oldest_leaves_at or created.created_at + job_limits.WINDOW,
             )
-            headers = job_limits.headers(new.kind, limits, after, now)
-    if not created.same_request:
-        raise KeyReused()
+        headers = job_limits.headers(new.kind, limits, usage, now)
     return Admitted(created, headers)
 
 

@@ -1,4 +1,5 @@
-"""The two webhook routes: verify before parsing, then one transaction per delivery.
+"""The two webhook routes: verify before parsing, then the delivery's transaction (its own,
+or with the others that the group-commit stage gathered meanwhile).
 
 Order, cheapest and least trusting first: Content-Type (415), the body read up to the
 limit (413), the signature (401, one body for every cause), the payload (400 / 422 naming
@@ -31,7 +32,7 @@ from gateway.jobs.kinds import Kind
 from gateway.jobs.payload import PayloadError, WebhookPayload, decode
 from gateway.jobs.prompts import fingerprint
 from gateway.store.webhooks import Delivery
-from gateway.usecases.ingest import Ingested, Outcome, ingest
+from gateway.usecases.ingest import Ingested, Outcome, ingest_alone
 from gateway.webhooks.verify import VerificationFailed, Verified, Verifier
 
 log = structlog.get_logger(__name__)
@@ -122,8 +123,11 @@ async def receive(request: web.Request, kind: Kind) -> web.Response:
 
     payload = _decode(body, kind, verified, counters)
     delivery = Delivery(kind, _dedupe_key(kind, verified, body), payload, body)
-    async with get_database(request.app).connection() as conn:
-        result = await ingest(conn, delivery)
+    batches = request.app.get(keys.WEBHOOK_BATCHES)
+    if batches is not None:
+        result = await batches.submit(delivery)
+    else:
+        result = await ingest_alone(get_database(request.app), delivery)
     # committed: from here on, only bookkeeping
     if (result.applied is not None and result.applied.transition.finished
             and (dispatcher := request.app.get(keys.DISPATCHER)) is not None):
