@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -79,25 +80,45 @@ async def create(
     transaction, or the caller's) unless `limits` (or the user's override of them) refuse
     it; or find the job its Idempotency-Key already made, which no limit refuses."""
     row = await conn.fetchrow(
-        CREATE_JOB,
-        new.id,
-        new.kind.value,
-        new.user_id,
-        new.org_id,
-        new.prompt,
-        normalize(new.prompt),
-        new.params,
-        new.message,
-        new.idempotency_key,
-        new.request_hash,
-        action,
-        payload,
-        wait_for_admission,
-        limits.active,
-        limits.per_hour,
-        WINDOW,
+        CREATE_JOB, *_create_args(new, action, payload, limits, wait_for_admission)
     )
     assert row is not None
+    return _creation(row, new)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CreateCall:
+    """One create of `create_many`: `create`'s arguments."""
+
+    new: NewJob
+    action: str
+    payload: dict[str, Any]
+    limits: Limits
+    wait_for_admission: bool = False
+
+
+async def create_many(conn: asyncpg.Connection, calls: Sequence[CreateCall]) -> list[Creation]:
+    """The creates in the order given, each as `create` makes it, in one transaction and one
+    round trip (the calls pipelined; a repeated Idempotency-Key finds the job the first
+    made)."""
+    rows = await conn.fetchmany(CREATE_JOB, [
+        _create_args(c.new, c.action, c.payload, c.limits, c.wait_for_admission)
+        for c in calls
+    ])
+    # the function returns one row per call
+    assert len(rows) == len(calls)
+    return [_creation(row, c.new) for row, c in zip(rows, calls, strict=True)]
+
+
+def _create_args(
+    new: NewJob, action: str, payload: dict[str, Any], limits: Limits, wait_for_admission: bool
+) -> tuple[Any, ...]:
+    return (new.id, new.kind.value, new.user_id, new.org_id, new.prompt, normalize(new.prompt),
+            new.params, new.message, new.idempotency_key, new.request_hash, action, payload,
+            wait_for_admission, limits.active, limits.per_hour, WINDOW)
+
+
+def _creation(row: asyncpg.Record, new: NewJob) -> Creation:
     in_force = Limits(row["max_active"], row["per_hour"])
     usage = None
     if row["read_at"] is not None:

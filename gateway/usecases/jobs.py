@@ -52,35 +52,32 @@ class CreateRequest:
     wait_for_admission: bool = False
 
 
-async def _store_create(conn: asyncpg.Connection, request: CreateRequest) -> Creation:
-    return await owned_jobs.create(
-        conn, request.new, "generate", request.payload, request.defaults,
-        wait_for_admission=request.wait_for_admission,
-    )
+def _call(request: CreateRequest) -> owned_jobs.CreateCall:
+    return owned_jobs.CreateCall(request.new, "generate", request.payload, request.defaults,
+                                 request.wait_for_admission)
 
 
 async def create_alone(db: Database, request: CreateRequest) -> Creation:
     """One create in its own transaction (one call)."""
+    call = _call(request)
     async with db.connection() as conn:
-        return await _store_create(conn, request)
+        return await owned_jobs.create(conn, call.new, call.action, call.payload, call.limits,
+                                       wait_for_admission=call.wait_for_admission)
 
 
 async def create_many(
     conn: asyncpg.Connection, requests: Sequence[CreateRequest]
 ) -> list[Creation | None]:
-    """Creates in one transaction, each as `create_alone` makes it: a key repeated among
-    them finds the job the first made. They run grouped by user and kind (in arrival order
-    within), so that the batches of several processes take the per-user locks in one
-    order."""
+    """Creates in one transaction (one round trip), each as `create_alone` makes it: a key
+    repeated among them finds the job the first made. They run grouped by user and kind (in
+    arrival order within), so that the batches of several processes take the per-user
+    locks in one order."""
+    order = sorted(range(len(requests)),
+                   key=lambda i: (requests[i].new.user_id, requests[i].new.kind.value))
+    made = await owned_jobs.create_many(conn, [_call(requests[i]) for i in order])
     outcomes: list[Creation | None] = [None] * len(requests)
-
-    def lock_order(i: int) -> tuple[str, str]:
-        new = requests[i].new
-        return new.user_id, new.kind.value
-
-    async with conn.transaction():
-        for i in sorted(range(len(requests)), key=lock_order):
-            outcomes[i] = await _store_create(conn, requests[i])
+    for i, creation in zip(order, made, strict=True):
+        outcomes[i] = creation
     return outcomes
 
 
