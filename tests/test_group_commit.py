@@ -18,6 +18,7 @@ from gateway.batching import GroupCommit, Stage
 from gateway.jobs.kinds import Kind
 from gateway.jobs.limits import Limits
 from gateway.jobs.payload import decode
+from gateway.jobs.state import Status
 from gateway.store import Database
 from gateway.store.owned_jobs import Creation, NewJob
 from gateway.store.webhooks import Delivery
@@ -79,6 +80,36 @@ async def test_every_order_of_one_jobs_webhooks_with_duplicates_in_one_batch_end
         assert state == await end_state(db, alone)
         finals.add((state[0]["status"], state[0]["progress"], len(state[2]), len(state[4])))
     assert finals == {("COMPLETED", 100, 1, 1)}
+
+
+async def test_one_delivery_per_job_goes_pipelined_and_ends_as_one_by_one(db: Database) -> None:
+    def mixed(prefix: str) -> list[Delivery]:
+        # progress and terminal events of different jobs, and ids nobody knows, interleaved
+        return [delivery(completed(f"{prefix}-0"), f"{prefix}-0-m"),
+                delivery(progress(f"{prefix}-1", "generating", 40), f"{prefix}-1-m"),
+                delivery(completed(f"{prefix}-unknown"), f"{prefix}-u1"),
+                delivery(progress(f"{prefix}-2", "generating", 30), f"{prefix}-2-m"),
+                delivery({"job_id": f"{prefix}-3", "status": "failed",
+                          "error_message": "quota exceeded"}, f"{prefix}-3-m"),
+                delivery(progress(f"{prefix}-4", "initializing", 10), f"{prefix}-4-m")]
+
+    for prefix in ("together", "alone"):
+        for n in range(5):
+            await insert_job(db, job_id=f"{prefix}-{n}",
+                             status=Status.COMPLETED if n == 4 else Status.QUEUED)
+    async with db.connection() as conn:
+        batched = await ingest_many(conn, mixed("together"))
+        one_by_one = [await ingest(conn, d) for d in mixed("alone")]
+    assert [o.outcome if o else None for o in batched] == [
+        Outcome.APPLIED, Outcome.APPLIED, None, Outcome.APPLIED, Outcome.APPLIED, Outcome.STALE]
+    assert [o.outcome for o in one_by_one] == [
+        Outcome.APPLIED, Outcome.APPLIED, Outcome.ORPHANED, Outcome.APPLIED, Outcome.APPLIED,
+        Outcome.STALE]
+    for n in range(5):
+        assert await end_state(db, f"together-{n}") == await end_state(db, f"alone-{n}")
+    # the unknown id was left alone: nothing written for it
+    assert await db.fetchval("SELECT count(*) FROM webhook_deliveries"
+                             " WHERE dedupe_key = 'id:together-u1'") == 0
 
 
 @contextlib.asynccontextmanager

@@ -94,7 +94,9 @@ found AS ({store_jobs.by_backend_id("$backend_job_id", "$kind")}), seen AS (
         ctes,
         guard="(SELECT claimed AND applies FROM flags)",
         columns="j.*, (SELECT dup FROM seen) AS seen, (SELECT locked FROM flags) AS locked, "
-                "(SELECT claimed FROM flags) AS claimed, (SELECT applies FROM flags) AS applies, ",
+                "(SELECT claimed FROM flags) AS claimed, (SELECT applies FROM flags) AS applies, "
+                # which delivery the row answers, when several are pipelined
+                "$dedupe_key AS delivery_key, $backend_job_id AS delivery_for, ",
         target="(SELECT id FROM step)",
         progress="GREATEST($progress, progress)",
         source="FROM (SELECT * FROM job UNION ALL SELECT * FROM found"
@@ -116,7 +118,8 @@ found AS ({store_jobs.by_backend_id("$backend_job_id", "$kind")}), seen AS (
         "lock it unless the delivery's key is taken, decide with the event's plan (always /\n"
         "if_advances) on the row as locked, claim the key as applied or stale, and apply the\n"
         "event only when the claim succeeded and the plan applies. One row when the job\n"
-        "exists: the job (as locked, else as read), the flags, the new seq.",
+        "exists: the job (as locked, else as read), the flags, the delivery's key and id,\n"
+        "the new seq.",
         text, params,
     )
 

@@ -9,15 +9,18 @@ committed meanwhile, applies to its job). See `gateway.store.webhooks` for the l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import msgspec
 
 from gateway.jobs.prompts import normalize
 from gateway.jobs.records import LockedJob
+from gateway.jobs.state import Plan
 from gateway.store import Database, orphans
 from gateway.store import jobs as store_jobs
 from gateway.store import webhooks as store_webhooks
@@ -65,14 +68,39 @@ async def ingest_many(
     """Deliveries for jobs we know, in one transaction; None for the others (an id we do
     not know takes the orphan protocol's lock: `ingest` it on its own).
 
-    Each delivery is the statement `ingest` sends, in arrival order for one job (a
-    repeated key is then a duplicate, as across transactions), and the jobs in the order of
-    the webhooks' ids, so that the batches of several processes lock rows in one order."""
+    Each delivery is the statement `ingest` sends, the jobs taken in the order of the
+    webhooks' ids, so that the batches of several processes lock rows in one order. When
+    each job has one delivery in the batch, the statements go pipelined, one round trip for
+    each of the two statements (progress, then terminal events); when a job has several,
+    they go one after another in arrival order (a repeated key is then a duplicate, as
+    across transactions)."""
     outcomes: list[Ingested | None] = [None] * len(deliveries)
     order = sorted(range(len(deliveries)), key=lambda i: deliveries[i].payload.job_id)
-    async with conn.transaction():
-        for i in order:
-            outcomes[i] = await _ingest_known(conn, deliveries[i])
+    if len({d.payload.job_id for d in deliveries}) < len(deliveries):
+        async with conn.transaction():
+            for i in order:
+                outcomes[i] = await _ingest_known(conn, deliveries[i])
+        return outcomes
+    calls: dict[str, list[tuple[int, tuple[Any, ...], Plan]]] = {}
+    for i in order:
+        statement, args, plan = store_webhooks.ingest_statement(deliveries[i])
+        calls.setdefault(statement, []).append((i, args, plan))
+    # one statement: fetchmany's own transaction; both: one around them
+    async with contextlib.AsyncExitStack() as stack:
+        if len(calls) > 1:
+            await stack.enter_async_context(conn.transaction())
+        for statement, group in calls.items():
+            rows = iter(await conn.fetchmany(statement, [args for _, args, _ in group]))
+            row = next(rows, None)
+            for i, _, plan in group:
+                # no row for an id that names no job
+                delivery = deliveries[i]
+                if (row is not None and row["delivery_key"] == delivery.dedupe_key
+                        and row["delivery_for"] == delivery.payload.job_id):
+                    outcomes[i] = _outcome(row, plan)
+                    row = next(rows, None)
+            if row is not None:
+                raise StoreError("a pipelined delivery's row answers none of the deliveries")
     return outcomes
 
 
@@ -81,13 +109,16 @@ async def _ingest_known(conn: asyncpg.Connection, delivery: Delivery) -> Ingeste
     nothing written."""
     statement, args, plan = store_webhooks.ingest_statement(delivery)
     row = await conn.fetchrow(statement, *args)
-    if row is None:
-        return None
+    return None if row is None else _outcome(row, plan)
+
+
+def _outcome(row: asyncpg.Record, plan: Plan) -> Ingested | None:
+    """What INGEST's row for a delivery says it did; None when the job was gone by the time
+    the statement came to lock it (nothing written)."""
     job = store_jobs.locked_job(row)
     if row["seen"] or (row["locked"] and not row["claimed"]):
         return Ingested(Outcome.DUPLICATE, job)
     if not row["locked"]:
-        # the job was read but was gone when the statement came to lock it
         return None
     step = plan.apply(job.state)
     if step.applied != row["applies"]:

@@ -3,7 +3,8 @@
 -- lock it unless the delivery's key is taken, decide with the event's plan (always /
 -- if_advances) on the row as locked, claim the key as applied or stale, and apply the
 -- event only when the claim succeeded and the plan applies. One row when the job
--- exists: the job (as locked, else as read), the flags, the new seq.
+-- exists: the job (as locked, else as read), the flags, the delivery's key and id,
+-- the new seq.
 -- Composed in gateway.store.webhooks; rendered by `python -m gateway.store.statements`.
 -- $1: backend_job_id
 -- $2: status
@@ -71,7 +72,7 @@ updated AS (
     INSERT INTO job_events (job_id, seq, status, progress, message, source)
     SELECT id, seq, status, progress, message, $10 FROM updated
 )
-SELECT j.*, (SELECT dup FROM seen) AS seen, (SELECT locked FROM flags) AS locked, (SELECT claimed FROM flags) AS claimed, (SELECT applies FROM flags) AS applies, (SELECT seq FROM updated) AS seq,
+SELECT j.*, (SELECT dup FROM seen) AS seen, (SELECT locked FROM flags) AS locked, (SELECT claimed FROM flags) AS claimed, (SELECT applies FROM flags) AS applies, $13 AS delivery_key, $1 AS delivery_for, (SELECT seq FROM updated) AS seq,
        (SELECT pg_notify('sorami_job_events', id || ':' || seq) FROM updated) AS notified,
        NULL::bigint AS notification_id
 FROM (SELECT * FROM job UNION ALL SELECT * FROM found WHERE NOT EXISTS (SELECT 1 FROM job)) AS j

@@ -98,7 +98,7 @@ updated AS (
     ON CONFLICT ON CONSTRAINT notifications_once DO NOTHING
     RETURNING id
 )
-SELECT j.*, (SELECT dup FROM seen) AS seen, (SELECT locked FROM flags) AS locked, (SELECT claimed FROM flags) AS claimed, (SELECT applies FROM flags) AS applies, (SELECT seq FROM updated) AS seq,
+SELECT j.*, (SELECT dup FROM seen) AS seen, (SELECT locked FROM flags) AS locked, (SELECT claimed FROM flags) AS claimed, (SELECT applies FROM flags) AS applies, $27 AS delivery_key, $1 AS delivery_for, (SELECT seq FROM updated) AS seq,
        (SELECT pg_notify('sorami_job_events', id || ':' || seq) FROM updated) AS notified,
        (SELECT id FROM notification) AS notification_id
 FROM (SELECT * FROM job UNION ALL SELECT * FROM found WHERE NOT EXISTS (SELECT 1 FROM job)) AS j
