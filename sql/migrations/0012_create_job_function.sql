@@ -9,7 +9,8 @@
 -- The usage is a counter row per user and kind (job_usage), so that a create costs the same
 -- whatever the user made before. Triggers on jobs append every change that moves it to
 -- job_usage_changes (insert-only: a webhook ending a job takes no lock for it); a create
--- under a limit folds the user's changes into the row, under its lock. The hourly window
+-- under a limit folds the user's changes into the row, under its lock, and counts its own
+-- job there directly. The hourly window
 -- moves forward with the row: the creations that left it since the last create are counted
 -- from the jobs themselves (each leaves once). A user's first create under a limit counts
 -- the row from the jobs.
@@ -39,6 +40,12 @@ CREATE TABLE job_usage_changes (
     created_at  timestamptz
 );
 CREATE INDEX job_usage_changes_user ON job_usage_changes (user_id, kind);
+-- rows live from a job's end to its user's next create: vacuumed often, like a queue, so
+-- that a fold never reads through the dead rows of the folds before it
+ALTER TABLE job_usage_changes SET (autovacuum_vacuum_scale_factor = 0,
+                                   autovacuum_vacuum_threshold = 1000,
+                                   autovacuum_vacuum_insert_scale_factor = 0,
+                                   autovacuum_vacuum_insert_threshold = 1000);
 
 -- Set-based, so that an import inserting thousands of jobs at once writes one statement.
 -- A terminal job created before the user's window (or, for a user with no row yet, more
@@ -54,8 +61,10 @@ BEGIN
            n.created_at
     FROM inserted n
     LEFT JOIN job_usage u ON u.user_id = n.user_id AND u.kind = n.kind
-    WHERE n.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')
-       OR n.created_at > coalesce(u.window_from, now() - interval '1 day');
+    WHERE (n.status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMED_OUT')
+           OR n.created_at > coalesce(u.window_from, now() - interval '1 day'))
+      -- a create under a limit counts its job itself
+      AND n.id IS DISTINCT FROM current_setting('sorami.usage_counted', true);
     RETURN NULL;
 END $$;
 
@@ -207,6 +216,10 @@ BEGIN
     END IF;
 
     IF outcome IS NULL THEN
+        IF read_at IS NOT NULL THEN
+            -- counted below, into the row this create holds: the insert records no change
+            PERFORM set_config('sorami.usage_counted', p_id, true);
+        END IF;
         INSERT INTO jobs AS j (id, kind, user_id, org_id, prompt, prompt_norm, params, message,
                                idempotency_key, request_hash)
         VALUES (p_id, p_kind, p_user_id, p_org_id, p_prompt, p_prompt_norm, p_params,
@@ -221,6 +234,10 @@ BEGIN
                     CASE WHEN p_wait_for_admission THEN 'infinity'::timestamptz ELSE now() END)
             RETURNING d.id INTO delivery;
             PERFORM pg_notify('sorami_outbox', delivery::text);
+            IF read_at IS NOT NULL THEN
+                UPDATE job_usage AS u SET active = u.active + 1, in_window = u.in_window + 1
+                WHERE u.user_id = p_user_id AND u.kind = p_kind;
+            END IF;
             outcome := 'created';
         ELSE
             -- a create with the same key committed meanwhile (the unique index waited for
