@@ -401,6 +401,14 @@ def batch_sizes(port: int) -> dict[str, dict[str, float]]:
     return seen
 
 
+def batches_text(batches: dict[str, float], noun: str) -> str:
+    """A run's batches as printed: how many `noun` in how many transactions."""
+    if not batches:
+        return "no group commit"
+    return (f"group commit: {batches['items']:,.0f} {noun} in {batches['batches']:,.0f} "
+            f"transactions (mean {batches['mean']:.1f})")
+
+
 def batching_env(batch_max: int | None) -> dict[str, str]:
     """The server's group-commit settings for a run (None: the gateway's defaults)."""
     if batch_max is None:

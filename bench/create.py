@@ -26,6 +26,7 @@ from bench.common import (
     ROOT,
     Server,
     batch_sizes,
+    batches_text,
     batching_env,
     cpu_seconds,
     free_port,
@@ -235,19 +236,12 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                       f"({drain:.1f} s after the burst); CPU s during the burst: gateway "
                       f"{gateway_cpu:.1f}, postgres {pg_cpu:.1f}, backend double "
                       f"{backend_cpu:.1f}, sender {gateway.sender_cpu_seconds:.1f}; "
-                      f"{_batches_text(batches)}", flush=True)
+                      f"{batches_text(batches, 'creates')}", flush=True)
         finally:
             backend.terminate()
             await backend.wait()
             await conn.close()
     return figures(detail), detail
-
-
-def _batches_text(batches: dict[str, float]) -> str:
-    if not batches:
-        return "no group commit"
-    return (f"group commit: {batches['items']:,.0f} creates in {batches['batches']:,.0f} "
-            f"transactions (mean {batches['mean']:.1f})")
 
 
 def figures(detail: dict[str, Any]) -> list[Figure]:

@@ -36,6 +36,7 @@ from bench.common import (
     JOB_ID_BASE,
     Server,
     batch_sizes,
+    batches_text,
     batching_env,
     children_cpu_seconds,
     cpu_split,
@@ -439,17 +440,10 @@ async def run(args: argparse.Namespace, out: Path) -> tuple[list[Figure], dict[s
                       f"sender {gateway.sender_cpu_seconds:.1f}; the same through pgbench: "
                       f"postgres {pg_cpu_limit:.1f}, pgbench {pgbench_cpu:.1f}; pgbench less "
                       f"the NOTIFY {quiet.tps:,.0f}/s p99 {quiet.p99_ms:.1f} ms; "
-                      f"{_batches_text(batches)}", flush=True)
+                      f"{batches_text(batches, 'webhooks')}", flush=True)
         finally:
             await conn.close()
     return figures(detail), detail
-
-
-def _batches_text(batches: dict[str, float]) -> str:
-    if not batches:
-        return "no group commit"
-    return (f"group commit: {batches['items']:,.0f} webhooks in {batches['batches']:,.0f} "
-            f"transactions (mean {batches['mean']:.1f})")
 
 
 def figures(detail: dict[str, Any]) -> list[Figure]:

@@ -18,10 +18,9 @@ if TYPE_CHECKING:
     from gateway.events import JobEventHub
     from gateway.metrics.database import DatabaseGauges
     from gateway.openapi import Operation
-    from gateway.store.owned_jobs import Creation
+    from gateway.store.owned_jobs import CreateRequest, Creation
     from gateway.store.webhooks import Delivery
     from gateway.usecases.ingest import Ingested
-    from gateway.usecases.jobs import CreateRequest
     from gateway.webhooks.verify import Verifier
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -20,10 +20,10 @@ from gateway.jobs.limits import Limits
 from gateway.jobs.payload import decode
 from gateway.jobs.state import Status
 from gateway.store import Database
-from gateway.store.owned_jobs import Creation, NewJob
+from gateway.store.owned_jobs import CreateRequest, Creation, NewJob
 from gateway.store.webhooks import Delivery
 from gateway.usecases.ingest import Ingested, Outcome, ingest, ingest_alone, ingest_many
-from gateway.usecases.jobs import CreateRequest, create_alone, create_many
+from gateway.usecases.jobs import create_alone, create_many
 from tests.factories import insert_job
 from tests.test_webhooks_ingest import STEPS, completed, progress
 

@@ -67,55 +67,44 @@ class Creation:
     read_at: dt.datetime | None
 
 
-async def create(
-    conn: asyncpg.Connection,
-    new: NewJob,
-    action: str,
-    payload: dict[str, Any],
-    limits: Limits,
-    *,
-    wait_for_admission: bool = False,
-) -> Creation:
-    """Create a job with its outbox row (`action`, `payload`) in one call (its own
-    transaction, or the caller's) unless `limits` (or the user's override of them) refuse
-    it; or find the job its Idempotency-Key already made, which no limit refuses."""
-    row = await conn.fetchrow(
-        CREATE_JOB, *_create_args(new, action, payload, limits, wait_for_admission)
-    )
-    assert row is not None
-    return _creation(row, new)
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
-class CreateCall:
-    """One create of `create_many`: `create`'s arguments."""
+class CreateRequest:
+    """One create: the job, the payload of its generate call to the backend, the limits that
+    apply unless the user has an override, and whether the call waits for admission."""
 
     new: NewJob
-    action: str
     payload: dict[str, Any]
     limits: Limits
     wait_for_admission: bool = False
 
 
-async def create_many(conn: asyncpg.Connection, calls: Sequence[CreateCall]) -> list[Creation]:
+async def create(conn: asyncpg.Connection, request: CreateRequest) -> Creation:
+    """Create a job with its outbox row in one call (its own transaction, or the caller's)
+    unless its limits (or the user's override of them) refuse it; or find the job its
+    Idempotency-Key already made, which no limit refuses."""
+    row = await conn.fetchrow(CREATE_JOB, *_create_args(request))
+    assert row is not None
+    return _creation(row, request.new)
+
+
+async def create_many(
+    conn: asyncpg.Connection, requests: Sequence[CreateRequest]
+) -> list[Creation]:
     """The creates in the order given, each as `create` makes it, in one transaction and one
     round trip (the calls pipelined; a repeated Idempotency-Key finds the job the first
     made)."""
-    rows = await conn.fetchmany(CREATE_JOB, [
-        _create_args(c.new, c.action, c.payload, c.limits, c.wait_for_admission)
-        for c in calls
-    ])
+    rows = await conn.fetchmany(CREATE_JOB, [_create_args(r) for r in requests])
     # the function returns one row per call
-    assert len(rows) == len(calls)
-    return [_creation(row, c.new) for row, c in zip(rows, calls, strict=True)]
+    assert len(rows) == len(requests)
+    return [_creation(row, r.new) for row, r in zip(rows, requests, strict=True)]
 
 
-def _create_args(
-    new: NewJob, action: str, payload: dict[str, Any], limits: Limits, wait_for_admission: bool
-) -> tuple[Any, ...]:
+def _create_args(request: CreateRequest) -> tuple[Any, ...]:
+    new, limits = request.new, request.limits
+    # the job's first outbox row is its generate call
     return (new.id, new.kind.value, new.user_id, new.org_id, new.prompt, normalize(new.prompt),
-            new.params, new.message, new.idempotency_key, new.request_hash, action, payload,
-            wait_for_admission, limits.active, limits.per_hour, WINDOW)
+            new.params, new.message, new.idempotency_key, new.request_hash, "generate",
+            request.payload, request.wait_for_admission, limits.active, limits.per_hour, WINDOW)
 
 
 def _creation(row: asyncpg.Record, new: NewJob) -> Creation:

@@ -22,7 +22,7 @@ from gateway.jobs.state import Event, Status
 from gateway.store import Database, outbox, owned_jobs
 from gateway.store import jobs as store_jobs
 from gateway.store.jobs import Applied
-from gateway.store.owned_jobs import Created, Creation, JobView, NewJob
+from gateway.store.owned_jobs import Created, CreateRequest, Creation, JobView, NewJob
 
 CANCELLED_MESSAGE = "Cancelled by the user."
 
@@ -42,27 +42,10 @@ class Admitted:
     headers: dict[str, str]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class CreateRequest:
-    """One create as the store runs it: the job, its delivery's payload, the limits."""
-
-    new: NewJob
-    payload: dict[str, Any]
-    defaults: Limits
-    wait_for_admission: bool = False
-
-
-def _call(request: CreateRequest) -> owned_jobs.CreateCall:
-    return owned_jobs.CreateCall(request.new, "generate", request.payload, request.defaults,
-                                 request.wait_for_admission)
-
-
 async def create_alone(db: Database, request: CreateRequest) -> Creation:
     """One create in its own transaction (one call)."""
-    call = _call(request)
     async with db.connection() as conn:
-        return await owned_jobs.create(conn, call.new, call.action, call.payload, call.limits,
-                                       wait_for_admission=call.wait_for_admission)
+        return await owned_jobs.create(conn, request)
 
 
 async def create_many(
@@ -74,7 +57,7 @@ async def create_many(
     locks in one order."""
     order = sorted(range(len(requests)),
                    key=lambda i: (requests[i].new.user_id, requests[i].new.kind.value))
-    made = await owned_jobs.create_many(conn, [_call(requests[i]) for i in order])
+    made = await owned_jobs.create_many(conn, [requests[i] for i in order])
     outcomes: list[Creation | None] = [None] * len(requests)
     for i, creation in zip(order, made, strict=True):
         outcomes[i] = creation

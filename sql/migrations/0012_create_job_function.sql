@@ -10,10 +10,9 @@
 -- whatever the user made before. Triggers on jobs append every change that moves it to
 -- job_usage_changes (insert-only: a webhook ending a job takes no lock for it); a create
 -- under a limit folds the user's changes into the row, under its lock, and counts its own
--- job there directly. The hourly window
--- moves forward with the row: the creations that left it since the last create are counted
--- from the jobs themselves (each leaves once). A user's first create under a limit counts
--- the row from the jobs.
+-- job there directly. The hourly window moves forward with the row: the creations that left
+-- it since the last create are counted from the jobs themselves (each leaves once). A
+-- user's first create under a limit counts the row from the jobs.
 --
 -- The rule applied is gateway.jobs.limits.check's (the gateway computes the answer's
 -- Retry-After and RateLimit fields from the usage returned); the terminal statuses are the
