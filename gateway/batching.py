@@ -70,6 +70,7 @@ class GroupCommit(Generic[T, R]):
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._sizes = metrics.BATCH_SIZE.labels(stage.name)
+        self._waiting = metrics.BATCH_QUEUED.labels(stage.name)
         self._commit_seconds = metrics.BATCH_COMMIT.labels(stage.name)
         self._retries = metrics.BATCH_RETRIES.labels(stage.name)
         self._singled = metrics.BATCH_ITEM_BY_ITEM.labels(stage.name)
@@ -78,6 +79,7 @@ class GroupCommit(Generic[T, R]):
         """`item`'s outcome, once the transaction that holds it committed."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queued.append((item, future))
+        self._waiting.inc()
         self._start()
         # a request given up on still has its item run: the outcome is the item's, not the
         # request's, and the sender's retry then finds it done
@@ -87,6 +89,7 @@ class GroupCommit(Generic[T, R]):
         while self._queued and self._running < self._in_flight:
             size = min(len(self._queued), self._max_items)
             batch = [self._queued.popleft() for _ in range(size)]
+            self._waiting.dec(size)
             self._running += 1
             task = asyncio.create_task(self._run(batch))
             self._tasks.add(task)

@@ -144,6 +144,11 @@ def batch_sizes(stage: str) -> tuple[float, float]:
             REGISTRY.get_sample_value("sorami_batch_size_sum", labels) or 0.0)
 
 
+def queued(stage: str) -> float:
+    """Requests waiting in the stage's queues of this process."""
+    return REGISTRY.get_sample_value("sorami_batch_queued", {"stage": stage}) or 0.0
+
+
 def webhook_stage(db: Database, in_flight: int = 1) -> GroupCommit[Delivery, Ingested]:
     async def alone(d: Delivery) -> Ingested:
         return await ingest_alone(db, d)
@@ -159,6 +164,7 @@ async def test_deliveries_queued_behind_a_transaction_in_flight_commit_together(
     jobs = [await insert_job(db, job_id=f"job-{i}") for i in range(6)]
     stage = webhook_stage(db)
     batches_before, items_before = batch_sizes("webhook")
+    queued_before = queued("webhook")
     async with rows_locked(database_url, plug):
         first = asyncio.ensure_future(stage.submit(delivery(completed(plug), "plug")))
         await waiting_for_locks(db, 1)
@@ -169,6 +175,7 @@ async def test_deliveries_queued_behind_a_transaction_in_flight_commit_together(
         answers = [asyncio.ensure_future(stage.submit(d)) for d in rest]
         await asyncio.sleep(0.05)
         assert not any(a.done() for a in answers)
+        assert queued("webhook") == queued_before + 8
     assert (await first).outcome is Outcome.APPLIED
     outcomes = [(await a).outcome for a in answers]
     assert outcomes == [Outcome.APPLIED, Outcome.DUPLICATE, Outcome.ORPHANED,
@@ -176,6 +183,7 @@ async def test_deliveries_queued_behind_a_transaction_in_flight_commit_together(
     batches_after, items_after = batch_sizes("webhook")
     # the plug alone, then the eight together
     assert (batches_after - batches_before, items_after - items_before) == (2, 9)
+    assert queued("webhook") == queued_before
     assert await db.fetchval("SELECT count(*) FROM orphans WHERE backend_job_id = 'nobody-knows'"
                              ) == 1
     assert await db.fetchval("SELECT count(*) FROM webhook_deliveries") == 8  # 9 less the duplicate
@@ -253,16 +261,49 @@ def _summary(creation: Creation | None) -> tuple[str, str | None, bool]:
     return ("created" if created.inserted else "existing"), created.id, created.same_request
 
 
-async def test_a_deadlock_between_two_processes_batches_is_retried_and_answered_once(
-    db: Database, database_url: str
-) -> None:
-    # two jobs, each also known by an alias that sorts after both ids: batch A locks j1 then
-    # (through its alias) j2, batch B j2 then j1
+# Two batches made to deadlock: two jobs, each also known by an alias that sorts after both
+# ids, so that side A's batch locks j1 then (through its alias) j2, and side B's j2 then j1.
+CROSSED = (
+    [(progress("j1", "generating", 40), "a-1"), (progress("zz-2", "generating", 40), "a-2")],
+    [(progress("j2", "generating", 50), "b-1"), (progress("zz-1", "generating", 50), "b-2")],
+)
+
+
+async def crossed_jobs(db: Database) -> list[str]:
+    """The jobs of CROSSED, and a job per side to plug its stage with: the plugs' ids."""
     for job_id, alias in (("j1", "zz-1"), ("j2", "zz-2")):
         await insert_job(db, job_id=job_id)
         await db.execute("INSERT INTO job_aliases (kind, backend_job_id, job_id, source)"
                          " VALUES ('image', $1, $2, 'delivery')", alias, job_id)
-    plugs = [await insert_job(db, job_id=f"plug-{side}") for side in "ab"]
+    return [await insert_job(db, job_id=f"plug-{side}") for side in "ab"]
+
+
+async def check_crossed(db: Database, outcomes: Sequence[str]) -> None:
+    """After both sides of CROSSED were answered `outcomes` (A's two, then B's two)."""
+    # whichever went second ran again after the other committed: B's progress (50) applies
+    # either way, A's (40) only if it went first
+    a_side, b_side = list(outcomes[:2]), list(outcomes[2:])
+    assert b_side == ["applied"] * 2
+    assert a_side in (["applied"] * 2, ["stale"] * 2)
+    assert [(r["id"], r["progress"]) for r in await db.fetch(
+        "SELECT id, progress FROM jobs WHERE id IN ('j1', 'j2') ORDER BY id")] == [
+        ("j1", 50), ("j2", 50)]
+    # each delivery recorded once, as it was answered, and an event for each applied
+    recorded = dict(await db.fetch(
+        "SELECT dedupe_key, outcome FROM webhook_deliveries WHERE dedupe_key IN"
+        " ('id:a-1', 'id:a-2', 'id:b-1', 'id:b-2')"))
+    assert recorded == {f"id:{key}": outcome for key, outcome in
+                        zip(("a-1", "a-2", "b-1", "b-2"), outcomes, strict=True)}
+    assert await db.fetchval("SELECT count(*) FROM job_events WHERE job_id IN ('j1', 'j2')"
+                             ) == list(outcomes).count("applied")
+
+
+async def test_a_deadlock_between_two_pools_batches_is_retried_and_answered_once(
+    db: Database, database_url: str
+) -> None:
+    # the same between two `serve` processes: tests/test_group_commit_processes.py
+    plugs = await crossed_jobs(db)
+    queued_before = queued("webhook")
     retries_before = REGISTRY.get_sample_value("sorami_batch_retries_total",
                                                {"stage": "webhook"}) or 0.0
     # each side its own pool, as two processes have
@@ -275,37 +316,21 @@ async def test_a_deadlock_between_two_processes_batches_is_retried_and_answered_
             plugged = [asyncio.ensure_future(stage.submit(delivery(completed(plug), plug)))
                        for stage, plug in zip(stages, plugs, strict=True)]
             await waiting_for_locks(db, 2)
-            sides = [
-                [delivery(progress("j1", "generating", 40), "a-1"),
-                 delivery(progress("zz-2", "generating", 40), "a-2")],
-                [delivery(progress("j2", "generating", 50), "b-1"),
-                 delivery(progress("zz-1", "generating", 50), "b-2")],
-            ]
-            answers = [asyncio.ensure_future(stage.submit(d))
-                       for stage, side in zip(stages, sides, strict=True) for d in side]
+            answers = [asyncio.ensure_future(stage.submit(delivery(payload, msg_id)))
+                       for stage, side in zip(stages, CROSSED, strict=True)
+                       for payload, msg_id in side]
             await asyncio.sleep(0.05)
+            assert queued("webhook") == queued_before + 4
             # the plugs go; each side's batch then takes its first row and waits
             await blocker.execute("ROLLBACK TO SAVEPOINT plugs")
             await asyncio.gather(*plugged)
             await waiting_for_locks(db, 2)
-        outcomes = [(await a).outcome for a in answers]
+        outcomes = [(await a).outcome.value for a in answers]
     finally:
         for stage in stages:
             await stage.close()
         for pool in pools:
             await pool.close()
-    # the victim ran again after the other committed: its progress (40) then came too late
-    a_side, b_side = outcomes[:2], outcomes[2:]
-    assert b_side == [Outcome.APPLIED] * 2
-    assert a_side in ([Outcome.APPLIED] * 2, [Outcome.STALE] * 2)
     assert (REGISTRY.get_sample_value("sorami_batch_retries_total", {"stage": "webhook"})
             or 0.0) == retries_before + 1
-    assert [(r["id"], r["progress"]) for r in await db.fetch(
-        "SELECT id, progress FROM jobs WHERE id IN ('j1', 'j2') ORDER BY id")] == [
-        ("j1", 50), ("j2", 50)]
-    # each delivery recorded once, as it was answered
-    recorded = dict(await db.fetch(
-        "SELECT dedupe_key, outcome FROM webhook_deliveries WHERE dedupe_key IN"
-        " ('id:a-1', 'id:a-2', 'id:b-1', 'id:b-2')"))
-    assert recorded == {f"id:{key}": outcome.value for key, outcome in
-                        zip(("a-1", "a-2", "b-1", "b-2"), outcomes, strict=True)}
+    await check_crossed(db, outcomes)

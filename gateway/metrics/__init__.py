@@ -61,6 +61,13 @@ BATCH_COMMIT = Histogram(
     ["stage"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
+BATCH_QUEUED = Gauge(
+    "sorami_batch_queued",
+    "Requests waiting for a transaction of a group-commit stage, by stage, summed over the"
+    " live worker processes.",
+    ["stage"],
+    multiprocess_mode="livesum",
+)
 BATCH_RETRIES = Counter(
     "sorami_batch_retries_total",
     "Batches tried again after a deadlock or serialization failure, by stage.",
