@@ -368,6 +368,19 @@ def span(values: Sequence[float], unit: str = "", digits: int = 2) -> str:
     return f"{low:,.{digits}f}-{high:,.{digits}f}{unit}"
 
 
+def cpu_budget(cpu_seconds: dict[str, float], items: int, limit_rate: float, target: float,
+               unit: str) -> str:
+    """What the target asks of this machine's CPU, at the CPU each process used per item in
+    this run: the cores that `target` times the limit's rate would keep busy, beside the
+    cores there are. More than there are: no design with these per-item costs meets it."""
+    per_item = {name: seconds / items for name, seconds in cpu_seconds.items()}
+    total = sum(per_item.values())
+    rate = target * limit_rate
+    parts = ", ".join(f"{name} {seconds * 1000:.2f} ms" for name, seconds in per_item.items())
+    return (f"CPU a {unit}: {parts}, {total * 1000:.2f} ms in all; {target} x the limit "
+            f"({rate:,.0f}/s) would keep {total * rate:.1f} cores busy, of {os.cpu_count()}")
+
+
 def run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 

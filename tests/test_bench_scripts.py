@@ -1,5 +1,6 @@
 """The benchmarks' pgbench scripts: built from the gateway's statements, every parameter bound,
-every variable defined, and what they run does what the gateway does."""
+every variable defined, and what they run does what the gateway does; and the CPU budget
+their notes give."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable, Mapping
 import pytest
 
 from bench import create, ingest
+from bench.common import cpu_budget
 from gateway.store import Database
 from gateway.store import jobs as store_jobs
 from tests.factories import insert_job
@@ -68,3 +70,13 @@ async def test_the_ingest_statements_as_bound_apply_a_progress_then_a_completion
     assert (job["status"], job["progress"], job["seq"]) == ("COMPLETED", 100, 3)
     assert await db.fetchval("SELECT count(*) FROM job_files WHERE job_id = $1", job_id) == 2
     assert await db.fetchval("SELECT metadata->>'job_id' FROM notifications") == job_id
+
+
+def test_the_cpu_budget_is_the_cores_the_target_rate_keeps_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    # 10,000 webhooks: 0.40 + 0.20 ms each; 1.5 x 2,000/s = 3,000/s of 0.6 ms = 1.8 cores
+    text = cpu_budget({"server": 4.0, "PostgreSQL": 2.0}, 10_000, 2_000.0, 1.5, "webhook")
+    assert text == ("CPU a webhook: server 0.40 ms, PostgreSQL 0.20 ms, 0.60 ms in all; "
+                    "1.5 x the limit (3,000/s) would keep 1.8 cores busy, of 2")
