@@ -80,7 +80,8 @@ def write_run_summary(out: TextIO, result: RunResult) -> None:
     pruned = c["pruned"]
     out.write(f"  pruned             {pruned['webhook_deliveries']} webhook deliveries, "
               f"{pruned['outbox']} outbox rows, {pruned['reconcile_decisions']} decisions, "
-              f"{pruned['reconcile_runs']} runs\n")
+              f"{pruned['reconcile_runs']} runs, {pruned['job_usage_changes']} usage changes "
+              f"folded\n")
     open_ = result.open_orphans
     out.write(f"  open orphans       {open_['unresolved']} unresolved, "
               f"{open_['unmatched']} unmatched\n")

@@ -323,9 +323,11 @@ class _Pass:
         audit_cutoff = run_at - dt.timedelta(seconds=o.audit_retention_seconds)
         if o.dry_run:
             return (await retention.count_prunable(self.conn, cutoff)
-                    | await retention.count_prunable_audit(self.conn, audit_cutoff))
+                    | await retention.count_prunable_audit(self.conn, audit_cutoff)
+                    | await retention.count_usage_changes(self.conn))
         return (await retention.prune(self.conn, cutoff, batch=o.prune_batch_size)
-                | await retention.prune_audit(self.conn, audit_cutoff, batch=o.prune_batch_size))
+                | await retention.prune_audit(self.conn, audit_cutoff, batch=o.prune_batch_size)
+                | await retention.fold_usage(self.conn))
 
     def _error(self, message: str) -> None:
         self.error_count += 1

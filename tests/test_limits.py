@@ -126,26 +126,34 @@ async def test_the_usage_follows_every_change_made_after_a_users_first_create(
                                   user_max_image_jobs_per_hour=100)
     first = await create(client, "images", IMAGE)
     assert _remaining(first) == {"images-hour": 99, "images-active": 99}
-    # jobs written past the create: one in every status, one ending, one created long ago
+    leaving = await write_past_the_create(db)
+    await two_more_creates_count_them(client)
+    assert await db.fetchval("SELECT count(*) FROM jobs WHERE id = $1", leaving) == 1
+
+
+async def write_past_the_create(db: Database) -> str:
+    """Jobs of user_a written by others than a create: one in every status, one ending, one
+    created long ago, and one created 3,598 s ago (returned), about to leave the window."""
     for status in Status:
         await insert_job(db, status=status)
     ending = await insert_job(db, status=Status.GENERATING)
     await db.execute("UPDATE jobs SET status = 'FAILED' WHERE id = $1", ending)
     await insert_job(db, status=Status.COMPLETED, created_ago_seconds=7200)
-    leaving = await insert_job(db, status=Status.COMPLETED, created_ago_seconds=3598)
+    return await insert_job(db, status=Status.COMPLETED, created_ago_seconds=3598)
 
+
+async def two_more_creates_count_them(client: TestClient[Any, Any]) -> None:
+    """After one create and write_past_the_create, with both image limits at 100: the next
+    create counts every job written, and one 2.5 s later no longer the one leaving."""
     second = await create(client, "images", IMAGE)
     active = 1 + sum(not s.terminal for s in Status)
     in_window = 1 + len(Status) + 1 + 1
     assert _remaining(second) == {"images-hour": 100 - in_window - 1,
                                   "images-active": 100 - active - 1}
-
-    # the job created 3598 s ago leaves the window
     await asyncio.sleep(2.5)
     third = await create(client, "images", IMAGE)
     assert _remaining(third) == {"images-hour": 100 - in_window - 1,
                                  "images-active": 100 - active - 2}
-    assert await db.fetchval("SELECT count(*) FROM jobs WHERE id = $1", leaving) == 1
 
 
 async def test_the_hourly_limit_retries_when_the_oldest_counted_creation_leaves_the_window(

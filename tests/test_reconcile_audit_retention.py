@@ -103,7 +103,8 @@ async def test_old_audit_rows_go_and_the_proof_of_every_link_stays(
     second = await reconcile(database_url)
 
     assert second.counts["pruned"] == {"webhook_deliveries": 0, "outbox": 0,
-                                       "reconcile_decisions": 0, "reconcile_runs": 1}
+                                       "reconcile_decisions": 0, "reconcile_runs": 1,
+                                       "job_usage_changes": 0}
     assert await db.fetchval("SELECT count(*) FROM reconcile_runs") == 4
     assert await outcomes(db, "bk-d") == ["ambiguous", "ambiguous"]  # both recent
 
@@ -291,13 +292,16 @@ async def test_the_cli_reports_the_audit_rows_pruned_in_json_and_in_words(
     assert result["parameters"]["audit_retention_seconds"] == 86400
     # the dry run writes no decision: D's latest (pass 3) is kept, and pass 3 with it
     assert dry.json()["counts"]["pruned"] == {"webhook_deliveries": 0, "outbox": 0,
-                                              "reconcile_decisions": 7, "reconcile_runs": 1}
+                                              "reconcile_decisions": 7, "reconcile_runs": 1,
+                                              "job_usage_changes": 0}
     # the real run decides about D first: pass 3's row is superseded; pass 3 itself is
     # still the latest successful real run, the dry run of `history` goes
     assert result["counts"]["pruned"] == {"webhook_deliveries": 0, "outbox": 0,
-                                          "reconcile_decisions": 8, "reconcile_runs": 1}
+                                          "reconcile_decisions": 8, "reconcile_runs": 1,
+                                          "job_usage_changes": 0}
     # and pass 3 goes with the next run
-    assert "pruned             0 webhook deliveries, 0 outbox rows, 0 decisions, 1 runs" in (
+    assert ("pruned             0 webhook deliveries, 0 outbox rows, 0 decisions, 1 runs,"
+            " 0 usage changes folded") in (
         words.out)
 
 

@@ -88,9 +88,13 @@ async def test_run_prints_counts_and_a_table_of_what_needs_review(
 
 async def test_run_json_has_the_documented_shape(db: Database, database_url: str) -> None:
     await arrange(db)
+    jobs = await db.fetchval("SELECT count(*) FROM jobs")
 
     done = await cli(database_url, "run", "--json", "--grace", "90s", "--window", "2h",
                      "--expire-after", "12h")
+    changes = jobs + await db.fetchval(
+        "SELECT count(*) FROM jobs WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED',"
+        " 'TIMED_OUT')")
 
     assert done.code == 0, done.err
     result = done.json()
@@ -104,8 +108,11 @@ async def test_run_json_has_the_documented_shape(db: Database, database_url: str
     assert result["parameters"]["image_timeout_seconds"] == 900
     assert (result["counts"]["matched"], result["counts"]["ambiguous"]) == (1, 1)
     assert result["counts"]["timed_out"] == {"image": 0, "video": 0}
+    # the usage changes the jobs' inserts and the matched job's end left (no create folded them)
     assert result["counts"]["pruned"] == {"webhook_deliveries": 0, "outbox": 0,
-                                          "reconcile_decisions": 0, "reconcile_runs": 0}
+                                          "reconcile_decisions": 0, "reconcile_runs": 0,
+                                          "job_usage_changes": changes}
+    assert await db.fetchval("SELECT count(*) FROM job_usage_changes") == 0
     assert result["needs_review"] == 1
     (item,) = result["review"]
     assert set(item) == REVIEW_KEYS

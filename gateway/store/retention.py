@@ -1,5 +1,6 @@
 """Retention: old dedupe records, settled outbox rows and the reconciler's audit trail are
-deleted in keyset batches, each its own short transaction."""
+deleted in keyset batches, each its own short transaction; the usage changes no create has
+folded are folded."""
 
 from __future__ import annotations
 
@@ -171,3 +172,34 @@ async def count_prunable_audit(conn: asyncpg.Connection, cutoff: dt.datetime) ->
     row = await conn.fetchrow(COUNT_PRUNABLE_AUDIT, cutoff)
     return {"reconcile_decisions": row["reconcile_decisions"],
             "reconcile_runs": row["reconcile_runs"]}
+
+
+# The usage changes that no create under a limit folded (migration 0013): a batch of users
+# per call, each call its own transaction holding those users' locks until it commits.
+FOLD_USAGE = """
+SELECT seen, folded, busy, last_user, last_kind::text FROM sorami_fold_usage_v1($1, $2, $3)
+"""
+
+COUNT_USAGE_CHANGES = "SELECT count(*) FROM job_usage_changes"
+
+
+async def fold_usage(conn: asyncpg.Connection, *, pairs: int = 100) -> dict[str, int]:
+    """Fold every user's usage changes into the user's usage row, or drop them for a user
+    without one (their first create under a limit counts from the jobs), `pairs` users (and
+    kind) per transaction. A user whose create holds the lock is left to that create. Returns
+    the changes folded."""
+    assert not conn.is_in_transaction(), "each batch commits, releasing its users' locks"
+    folded = 0
+    after: tuple[str | None, str | None] = (None, None)
+    while True:
+        row = await conn.fetchrow(FOLD_USAGE, *after, pairs)
+        folded += row["folded"]
+        if row["seen"] < pairs:
+            break
+        after = (row["last_user"], row["last_kind"])
+    return {"job_usage_changes": folded}
+
+
+async def count_usage_changes(conn: asyncpg.Connection) -> dict[str, int]:
+    """What fold_usage would fold now (less what creates fold meanwhile)."""
+    return {"job_usage_changes": await conn.fetchval(COUNT_USAGE_CHANGES)}
