@@ -278,6 +278,36 @@ async def crossed_jobs(db: Database) -> list[str]:
     return [await insert_job(db, job_id=f"plug-{side}") for side in "ab"]
 
 
+@contextlib.asynccontextmanager
+async def crossing(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """CROSSED's jobs locked by another transaction until the block ends: j1, then j2 in the
+    savepoint `j2`, which `cross` rolls back."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM jobs WHERE id = 'j1' FOR UPDATE")
+            await conn.execute("SAVEPOINT j2")
+            await conn.execute("SELECT 1 FROM jobs WHERE id = 'j2' FOR UPDATE")
+            yield conn
+    finally:
+        await conn.close()
+
+
+async def cross(db: Database, blocker: asyncpg.Connection) -> None:
+    """With side A's batch waiting for j1 and side B's for j2, B gets j2 and queues for j1
+    behind A: when the blocker's transaction ends, A takes j1 and waits for j2, which B
+    holds while waiting for j1. A deadlock, however the two are scheduled."""
+    await waiting_for_locks(db, 2)
+    await blocker.execute("ROLLBACK TO SAVEPOINT j2")
+    # B's second statement waits for j1's tuple lock, which A, first in line, holds
+    for _ in range(500):
+        if await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'tuple'"
+                             " AND datname = current_database()"):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("side B never queued for j1 behind side A")
+
+
 async def check_crossed(db: Database, outcomes: Sequence[str]) -> None:
     """After both sides of CROSSED were answered `outcomes` (A's two, then B's two)."""
     # whichever went second ran again after the other committed: B's progress (50) applies
@@ -310,7 +340,7 @@ async def test_a_deadlock_between_two_pools_batches_is_retried_and_answered_once
     pools = [await Database.open(database_url, min_size=1, max_size=2) for _ in "ab"]
     stages = [webhook_stage(pool) for pool in pools]
     try:
-        async with rows_locked(database_url, "j1", "j2") as blocker:
+        async with crossing(database_url) as blocker:
             await blocker.execute("SAVEPOINT plugs")
             await blocker.execute("SELECT 1 FROM jobs WHERE id LIKE 'plug-%' FOR UPDATE")
             plugged = [asyncio.ensure_future(stage.submit(delivery(completed(plug), plug)))
@@ -321,10 +351,10 @@ async def test_a_deadlock_between_two_pools_batches_is_retried_and_answered_once
                        for payload, msg_id in side]
             await asyncio.sleep(0.05)
             assert queued("webhook") == queued_before + 4
-            # the plugs go; each side's batch then takes its first row and waits
+            # the plugs go; each side's batch then comes to its first row and waits
             await blocker.execute("ROLLBACK TO SAVEPOINT plugs")
             await asyncio.gather(*plugged)
-            await waiting_for_locks(db, 2)
+            await cross(db, blocker)
         outcomes = [(await a).outcome.value for a in answers]
     finally:
         for stage in stages:

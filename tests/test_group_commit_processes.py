@@ -17,8 +17,9 @@ from tests.signing import signed
 from tests.test_group_commit import (
     CROSSED,
     check_crossed,
+    cross,
     crossed_jobs,
-    rows_locked,
+    crossing,
     waiting_for_locks,
 )
 from tests.test_limits_processes import replicas
@@ -53,7 +54,7 @@ async def test_a_deadlock_between_two_serve_processes_batches_is_retried_and_ans
     # one transaction in flight per process: what arrives behind it waits for the next
     async with replicas(database_url, 2, BATCH_IN_FLIGHT="1") as bases, \
             aiohttp.ClientSession() as session:
-        async with rows_locked(database_url, "j1", "j2") as blocker:
+        async with crossing(database_url) as blocker:
             await blocker.execute("SAVEPOINT plugs")
             await blocker.execute("SELECT 1 FROM jobs WHERE id LIKE 'plug-%' FOR UPDATE")
             plugged = [asyncio.ensure_future(post(session, base, completed(plug), plug))
@@ -63,11 +64,11 @@ async def test_a_deadlock_between_two_serve_processes_batches_is_retried_and_ans
                        for base, side in zip(bases, CROSSED, strict=True)
                        for payload, msg_id in side]
             await asyncio.gather(*(queued(session, base, 2) for base in bases))
-            # the plugs commit; each process's batch of two then takes its first row and waits
+            # the plugs commit; each process's batch of two then comes to its first row
             await blocker.execute("ROLLBACK TO SAVEPOINT plugs")
             assert await asyncio.gather(*plugged) == [(200, "applied")] * 2
-            await waiting_for_locks(db, 2)
-        # the blocker is gone: each batch wants the row the other holds
+            await cross(db, blocker)
+        # the blocker is gone: each batch holds the row the other wants
         results = await asyncio.gather(*answers)
         scrapes = [await scrape(session, base) for base in bases]
 
